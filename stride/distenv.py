@@ -1,0 +1,129 @@
+"""Who this process is in a job (rank, node, world) and the process group's set-up and teardown.
+
+The only module that reads SLURM_*/submitit/RANK/MASTER_* variables; the Trainer is handed a `DistEnv`.
+Rendezvous: rank 0 opens torch's TCPStore on a port the kernel picks (port 0) and publishes host and port in the run
+folder, which every rank sees. A random or hashed port can collide when two jobs share a node; a port the kernel
+handed out cannot. Every wait is bounded by `init_timeout_s`, so a broken rendezvous fails in seconds, naming the
+address and port, instead of hanging for torch's default 30 minutes.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Optional
+
+from stride.errors import StrideError
+from stride.rundir import read_json, write_json
+
+POLL_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    rendezvous_id: str = "single"
+    """Unique per launch and per requeue, so a rank never reads the rendezvous of an earlier attempt."""
+    launcher: str = "single"
+    """single, local (stride local --nproc), slurm (submitit), or torchrun."""
+    job_id: Optional[str] = None
+    restart_count: int = 0
+    hostname: str = socket.gethostname()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect() -> DistEnv:
+    """Read this process's place in the job from the launcher's environment."""
+    env = os.environ
+    if env.get("SUBMITIT_EXECUTOR") == "slurm":
+        import submitit
+
+        job = submitit.JobEnvironment()
+        restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+        return DistEnv(rank=job.global_rank, local_rank=job.local_rank, world_size=job.num_tasks,
+                       local_world_size=max(1, job.num_tasks // job.num_nodes), num_nodes=job.num_nodes,
+                       master_addr=job.hostnames[0], rendezvous_id=f"slurm-{job.job_id}-{restart}",
+                       launcher="slurm", job_id=str(job.job_id), restart_count=restart)
+    if "STRIDE_RENDEZVOUS_ID" in env or "RANK" in env:
+        world = int(env.get("WORLD_SIZE", "1"))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))
+        return DistEnv(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
+                       world_size=world, local_world_size=local_world,
+                       num_nodes=max(1, world // max(1, local_world)),
+                       master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                       rendezvous_id=env.get("STRIDE_RENDEZVOUS_ID", "torchrun"),
+                       launcher="local" if "STRIDE_RENDEZVOUS_ID" in env else "torchrun")
+    return DistEnv()
+
+
+def _wait_for_rendezvous(path: Path, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = read_json(path)
+        if isinstance(info, dict) and "port" in info:
+            return info
+        time.sleep(POLL_INTERVAL_S)
+    raise StrideError(f"rendezvous timed out after {timeout_s:.0f}s: rank 0 never published its address in {path}; "
+                      f"check rank 0's log (did it start? is the run folder on a filesystem all nodes share?)")
+
+
+def init_process_group(env: DistEnv, backend: str, rendezvous_dir: Path, init_timeout_s: float,
+                       timeout_s: float) -> None:
+    """Join the job's process group; a no-op for a single process."""
+    if not env.distributed:
+        return
+    import torch.distributed as dist
+
+    if env.launcher == "torchrun":
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return
+    rendezvous_file = rendezvous_dir / f"{env.rendezvous_id}.json"
+    store_timeout = timedelta(seconds=init_timeout_s)
+    if env.is_main:
+        rendezvous_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            store = dist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=store_timeout,
+                                  wait_for_workers=False)
+        except Exception as exc:  # torch raises RuntimeError/DistNetworkError with a long message
+            raise StrideError(f"rank 0 could not open the rendezvous store on MASTER_ADDR={env.master_addr}: "
+                              f"{str(exc).splitlines()[0]}") from None
+        port = store.port
+        write_json(rendezvous_file, {"addr": env.master_addr, "port": port, "host": env.hostname,
+                                     "pid": os.getpid(), "world_size": env.world_size})
+    else:
+        info = _wait_for_rendezvous(rendezvous_file, init_timeout_s)
+        port = int(info["port"])
+        try:
+            store = dist.TCPStore(info["addr"], port, env.world_size, is_master=False, timeout=store_timeout)
+        except Exception as exc:
+            raise StrideError(f"rank {env.rank} could not reach the rendezvous at MASTER_ADDR={info['addr']} "
+                              f"MASTER_PORT={port} within {init_timeout_s:.0f}s: {str(exc).splitlines()[0]}; "
+                              f"check that the address resolves on {env.hostname}") from None
+    try:
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    except Exception as exc:
+        raise StrideError(f"rank {env.rank} failed to join the process group (MASTER_ADDR={env.master_addr} "
+                          f"MASTER_PORT={port}, backend {backend}): {str(exc).splitlines()[0]}") from None
+
+
+def destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

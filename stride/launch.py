@@ -1,0 +1,75 @@
+"""Start a validated run: on this machine (one process in-process, or N ranks as subprocesses) or on SLURM.
+
+Side effects live here: processes, signals. A launcher hands every rank the run folder's path and nothing else.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from stride.logs import get_logger
+from stride.rundir import RunDir, now_iso
+
+POLL_S = 0.2
+TERMINATE_GRACE_S = 10.0
+
+
+def run_in_process(run: RunDir) -> dict:
+    """One rank in this process. SIGINT/SIGTERM ask the loop to checkpoint and stop at the next step."""
+    from stride import job
+
+    return job.run_rank(run.path)
+
+
+def _rank_env(rank: int, world_size: int, rendezvous_id: str) -> dict:
+    env = dict(os.environ)
+    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+               MASTER_ADDR="127.0.0.1", STRIDE_RENDEZVOUS_ID=rendezvous_id)
+    # Each rank gets its share of the cores: N ranks x all cores oversubscribes the machine.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    return env
+
+
+def _stop_all(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    deadline = time.monotonic() + TERMINATE_GRACE_S
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=TERMINATE_GRACE_S)
+
+
+def run_local_ranks(run: RunDir, nproc: int) -> int:
+    """N ranks of one run as subprocesses on this machine; if one fails, the others are stopped too."""
+    rendezvous_id = f"local-{uuid.uuid4().hex[:12]}"
+    command = [sys.executable, "-m", "stride.job", str(run.path)]
+    procs = [subprocess.Popen(command, env=_rank_env(rank, nproc, rendezvous_id)) for rank in range(nproc)]
+    try:
+        while True:
+            codes = [proc.poll() for proc in procs]
+            failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+            if failed:
+                rank = failed[0]
+                get_logger().error("rank %d exited with code %s: stopping the other ranks", rank, codes[rank])
+                _stop_all(procs)
+                status = run.read_status()
+                if status.get("state") != "failed":
+                    run.update_status(state="failed", ended_at=now_iso(), failed_rank=rank,
+                                      error=f"rank {rank} exited with code {codes[rank]}")
+                return codes[rank] or 1
+            if all(code == 0 for code in codes):
+                return 0
+            time.sleep(POLL_S)
+    except KeyboardInterrupt:
+        _stop_all(procs, signal.SIGINT)
+        raise

@@ -1,0 +1,638 @@
+"""The Trainer: resolve a config, build data and model, train with validation each epoch, test the best weights.
+
+It owns one run folder (`work_dir/<run>`) and writes everything there: config, logs, checkpoints, weights, metrics,
+results. It is handed its place in a distributed job (`DistEnv`) and never reads the cluster's environment itself.
+Resuming is the default: if the run folder holds a checkpoint, `fit()` continues from it exactly (mid-epoch too).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from stride import config as config_lib
+from stride import registry
+from stride.checkpoint import Checkpointer, load_file, save_file
+from stride.datasets import DataSplits
+from stride.distenv import DistEnv
+from stride.errors import ConfigError, RunError
+from stride.logs import ProgressBar, get_logger, setup_logging
+from stride.rundir import RunDir, find_run, now_iso, validate_run_name, write_json
+from stride.provenance import create_run
+
+CHECKPOINT_FORMAT = 1
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, so a resumed run neither repeats nor skips batches."""
+
+    def __init__(self, dataset: Dataset, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.start_index = 0
+
+    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start_index:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+class ShardSampler(Sampler[int]):
+    """Every rank evaluates a disjoint slice with no padding, so summed metrics count each sample exactly once."""
+
+    def __init__(self, length: int, rank: int, world_size: int):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _rng_state() -> dict:
+    state = {"python": list(_to_plain(random.getstate())), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                          "has_gauss": int(has_gauss), "cached": float(cached)}
+    except ImportError:
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_plain(value: Any) -> Any:
+    return [_to_plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _set_rng_state(state: Mapping) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np_state = state["numpy"]
+        np.random.set_state(("MT19937", np_state["keys"].numpy().astype("uint32"), np_state["pos"],
+                             np_state["has_gauss"], np_state["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def resolve_device(name: str, env: DistEnv) -> torch.device:
+    """auto: this rank's GPU when CUDA is present, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is visible: use device=auto or device=cpu")
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+class Trainer:
+    """Train, validate, test and save one run of an experiment.
+
+    >>> trainer = Trainer(work_dir="experiments/digits", model_kwargs={"model_name": "MLP"})
+    >>> results = trainer.fit()          # work_dir/0: config.json, logs/, checkpoints/, weights/, results.json
+    >>> Trainer(work_dir="experiments/digits").load_run("0").evaluate("test")
+    """
+
+    def __init__(
+        self,
+        work_dir: Optional[Union[str, Path]] = None,
+        dataset_kwargs: Optional[Mapping] = None,
+        load_data_kwargs: Optional[Mapping] = None,
+        model_kwargs: Optional[Mapping] = None,
+        device: Optional[str] = None,
+        run: Optional[str] = None,
+        training_kwargs: Optional[Mapping] = None,
+        distributed_kwargs: Optional[Mapping] = None,
+        slurm: Optional[Mapping] = None,
+        config: Optional[Mapping] = None,
+        overrides: Sequence[str] = (),
+        config_files: Sequence[Union[str, Path]] = (),
+        dist_env: Optional[DistEnv] = None,
+        run_dir: Optional[RunDir] = None,
+    ):
+        """Resolve and validate the config, then load the data and build the model.
+
+        `config` is a complete resolved config (e.g. a run's config.json); otherwise the keyword arguments, YAML
+        `config_files` and `key=value` `overrides` are layered over the defaults and work_dir/config.yaml.
+        """
+        given = {"work_dir": str(work_dir) if work_dir is not None else None, "dataset_kwargs": dataset_kwargs,
+                 "load_data_kwargs": load_data_kwargs, "model_kwargs": model_kwargs, "device": device, "run": run,
+                 "training_kwargs": training_kwargs, "distributed_kwargs": distributed_kwargs, "slurm": slurm}
+        self.env = dist_env or DistEnv()
+        self.run_dir = run_dir
+        self.config = self.comprehend_config(
+            config=config, layers=[{k: v for k, v in given.items() if v is not None}],
+            overrides=overrides, config_files=config_files)
+        self.device = resolve_device(self.config["device"], self.env)
+        self.data: DataSplits = self.load_data()
+        self.model: nn.Module = self.build_model()
+        self.stop_reason: Optional[str] = None
+
+    # ----------------------------------------------------------------------------------------------- configuration
+    def comprehend_config(self, config: Optional[Mapping] = None, layers: Sequence[Mapping] = (),
+                          overrides: Sequence[str] = (), config_files: Sequence[Union[str, Path]] = ()) -> dict:
+        """Resolve the layered config and check the dataset and model names and keyword arguments."""
+        if config is not None:
+            resolved = config_lib.validate(json.loads(json.dumps(dict(config))))
+        else:
+            resolved = config_lib.resolve(overrides=overrides, files=config_files, layers=layers)
+        check_plugins(resolved)
+        return resolved
+
+    @property
+    def work_dir(self) -> Optional[Path]:
+        return Path(self.config["work_dir"]) if self.config.get("work_dir") else None
+
+    # -------------------------------------------------------------------------------------------------------- data
+    def load_data(self) -> DataSplits:
+        kwargs = dict(self.config["dataset_kwargs"])
+        name = kwargs.pop("dataset_name")
+        splits = registry.resolve("dataset", name)(**kwargs)
+        if not isinstance(splits, DataSplits):
+            raise ConfigError(f"dataset '{name}' returned {type(splits).__name__}; a dataset builder must return "
+                              f"stride.datasets.DataSplits(train, val, test, input_shape, num_outputs, task)")
+        return splits
+
+    def make_loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
+        """Train loader sharded and shuffled per epoch (resumable); val/test sharded without padding."""
+        opts = self.config["load_data_kwargs"]
+        seed = self.config["training_kwargs"]["seed"]
+        on_cuda = self.device.type == "cuda"
+        common: dict[str, Any] = {"num_workers": opts["num_workers"], "pin_memory": opts["pin_memory"] and on_cuda}
+        if opts["num_workers"] > 0:
+            common["persistent_workers"] = opts["persistent_workers"]
+            common["worker_init_fn"] = _seed_worker
+        train_sampler = ResumableDistributedSampler(
+            self.data.train, num_replicas=self.env.world_size, rank=self.env.rank, shuffle=opts["shuffle"],
+            seed=seed, drop_last=opts["drop_last"])
+        generator = torch.Generator().manual_seed(seed + self.env.rank)
+        train = DataLoader(self.data.train, batch_size=opts["batch_size"], sampler=train_sampler,
+                           drop_last=opts["drop_last"], generator=generator, **common)
+        eval_batch = opts["eval_batch_size"] or 4 * opts["batch_size"]
+        val, test = (DataLoader(split, batch_size=eval_batch,
+                                sampler=ShardSampler(len(split), self.env.rank, self.env.world_size), **common)
+                     for split in (self.data.val, self.data.test))
+        return train, val, test
+
+    # ------------------------------------------------------------------------------------------------------- model
+    def build_model(self) -> nn.Module:
+        kwargs = dict(self.config["model_kwargs"])
+        name = kwargs.pop("model_name")
+        target = registry.resolve("model", name)
+        for key, value in (("input_shape", tuple(self.data.input_shape)), ("num_outputs", self.data.num_outputs)):
+            if key not in kwargs and _accepts(target, key):
+                kwargs[key] = value
+        torch.manual_seed(self.config["training_kwargs"]["seed"])  # identical initial weights on every rank
+        model = target(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model '{name}' built a {type(model).__name__}, not a torch.nn.Module")
+        return model.to(self.device)
+
+    def save_weights(self, path: Union[str, Path], **extra: Any) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"model": _unwrap(self.model).state_dict(), **extra}, path)
+        return path
+
+    def load_weights(self, path: Union[str, Path]) -> "Trainer":
+        path = Path(path)
+        if not path.is_file():
+            raise RunError(f"weights file '{path}' does not exist")
+        state = load_file(path, map_location=self.device)
+        _unwrap(self.model).load_state_dict(state["model"] if "model" in state else state)
+        return self
+
+    def load_run(self, run: Union[str, Path], weights: str = "best") -> "Trainer":
+        """Restore a run's config and weights (best, final, or the latest checkpoint) from its folder."""
+        target = Path(str(run))
+        if target.is_absolute() or os.sep in str(run):
+            run_dir = find_run(target)
+        else:
+            if self.work_dir is None:
+                raise ConfigError("load_run needs work_dir: Trainer(work_dir=...).load_run('0')")
+            validate_run_name(str(run))
+            run_dir = find_run(str(run), self.work_dir)
+        self.run_dir = run_dir
+        self.config = self.comprehend_config(config=run_dir.read_config())
+        self.device = resolve_device(self.config["device"], self.env)
+        self.data = self.load_data()
+        self.model = self.build_model()
+        choices = {"best": [run_dir.best_weights, run_dir.final_weights],
+                   "final": [run_dir.final_weights, run_dir.best_weights]}.get(weights, [])
+        for path in choices:
+            if path.is_file():
+                return self.load_weights(path)
+        latest = Checkpointer(run_dir.checkpoints_dir).load_latest(self.device)
+        if latest is not None:
+            _unwrap(self.model).load_state_dict(latest[0]["model"])
+            return self
+        raise RunError(f"run {run_dir.path} has no weights or checkpoint yet: it has not finished an epoch")
+
+    # ---------------------------------------------------------------------------------------------------- training
+    def request_stop(self, reason: str) -> None:
+        """Ask the loop to checkpoint and return at the next step boundary (safe to call from a signal handler)."""
+        self.stop_reason = reason
+
+    def prepare_run_dir(self, command: Optional[Sequence[str]] = None) -> RunDir:
+        """Allocate the run folder (unless one was given) and write config.json, metadata.json and status.json."""
+        if self.run_dir is None:
+            self.run_dir = create_run(self.config, command)
+        self.run_dir.make_subdirs()
+        return self.run_dir
+
+    def fit(self) -> dict:
+        """Train (resuming from the run folder's latest checkpoint if it has one), test, and return the results."""
+        if self.env.is_main:
+            run_dir = self.prepare_run_dir()
+        else:
+            assert self.run_dir is not None, "ranks other than 0 are handed the run folder rank 0 prepared"
+            run_dir = self.run_dir
+        log = setup_logging(run_dir.rank_log(self.env.rank), self.env.hostname, self.env.rank,
+                            self.env.local_rank, console=self.env.is_main)
+        tk = self.config["training_kwargs"]
+        if tk["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        loop = _Loop(self, run_dir, log)
+        return loop.run()
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", loader: Optional[DataLoader] = None) -> dict:
+        """Loss (and accuracy for classification) over a whole split, summed across ranks."""
+        if loader is None:
+            dataset = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
+            batch = self.config["load_data_kwargs"]["eval_batch_size"] or 4 * self.config["load_data_kwargs"]["batch_size"]
+            loader = DataLoader(dataset, batch_size=batch,
+                                sampler=ShardSampler(len(dataset), self.env.rank, self.env.world_size))
+        model = self.model
+        was_training = model.training
+        model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, count
+        classification = self.data.task == "classification"
+        for inputs, targets in loader:
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with self._autocast():
+                outputs = model(inputs)
+            outputs = outputs.float()
+            if classification:
+                totals[0] += nn.functional.cross_entropy(outputs, targets, reduction="sum")
+                totals[1] += (outputs.argmax(dim=1) == targets).sum()
+            else:
+                totals[0] += nn.functional.mse_loss(outputs, targets.float(), reduction="sum") / max(1, targets[0].numel())
+            totals[2] += targets.shape[0]
+        if self.env.distributed and dist.is_initialized():
+            dist.all_reduce(totals)
+        model.train(was_training)
+        loss_sum, correct, count = totals.tolist()
+        metrics = {f"{split}_loss": loss_sum / max(1.0, count)}
+        if classification:
+            metrics[f"{split}_accuracy"] = correct / max(1.0, count)
+        return metrics
+
+    def _autocast(self):
+        precision = self.config["training_kwargs"]["precision"]
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+class _Loop:
+    """One fit(): optimizer, scheduler, DDP wrapping, checkpoint/resume, the epoch loop. Kept out of Trainer's API."""
+
+    def __init__(self, trainer: Trainer, run_dir: RunDir, log):
+        self.t, self.run_dir, self.log = trainer, run_dir, log
+        self.env = trainer.env
+        self.tk = trainer.config["training_kwargs"]
+        self.is_main = self.env.is_main
+        self.classification = trainer.data.task == "classification"
+        self.best_metric = self.tk["best_metric"] or ("val_accuracy" if self.classification else "val_loss")
+        mode = self.tk["best_mode"]
+        self.maximize = mode == "max" or (mode == "auto" and "acc" in self.best_metric)
+        self.checkpointer = Checkpointer(run_dir.checkpoints_dir, self.tk["keep_last_checkpoints"],
+                                         background=self.tk["async_checkpoint"])
+
+    # -------------------------------------------------------------------------------------------------- building
+    def _build(self) -> None:
+        t, tk = self.t, self.tk
+        self.train_loader, self.val_loader, self.test_loader = t.make_loaders()
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / tk["grad_accum_steps"])
+        self.total_steps = self.steps_per_epoch * tk["epochs"]
+        self.raw_model = _unwrap(t.model)
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        if tk["optimizer"] == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=tk["lr"], momentum=tk["momentum"],
+                                             weight_decay=tk["weight_decay"])
+        else:
+            cls = torch.optim.AdamW if tk["optimizer"] == "adamw" else torch.optim.Adam
+            self.optimizer = cls(params, lr=tk["lr"], weight_decay=tk["weight_decay"])
+        warmup, total, cosine = tk["warmup_steps"], max(1, self.total_steps), tk["scheduler"] == "cosine"
+
+        def lr_factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if not cosine:
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
+        self.scaler = torch.amp.GradScaler(t.device.type, enabled=tk["precision"] == "fp16")
+        model = t.model
+        if self.env.distributed:
+            device_ids = [t.device.index] if t.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        if tk["compile"]:
+            model = torch.compile(model)
+        self.model = model
+        self.loss_fn = nn.CrossEntropyLoss() if self.classification else nn.MSELoss()
+
+    # ---------------------------------------------------------------------------------------------- checkpointing
+    def _state(self, epoch: int, step: int, batches_done: int) -> dict:
+        rng = _rng_state()
+        rng_by_rank = [rng]
+        if self.env.distributed:
+            rng_by_rank = [None] * self.env.world_size
+            dist.all_gather_object(rng_by_rank, rng)
+        return {"format": CHECKPOINT_FORMAT, "model": self.raw_model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step, "batches_done": batches_done,
+                "world_size": self.env.world_size, "rng": rng_by_rank, "best": self.best,
+                "config_model": json.dumps(self.t.config["model_kwargs"], sort_keys=True),
+                "saved_at": time.time()}
+
+    def save_checkpoint(self, epoch: int, step: int, batches_done: int, wait: bool = False) -> None:
+        state = self._state(epoch, step, batches_done)  # collective: every rank takes part
+        if self.is_main:
+            self.checkpointer.save(state, step, wait=wait)
+        self.last_checkpoint_time = time.monotonic()
+
+    def _resume(self) -> tuple[int, int, int]:
+        """Restore the newest good checkpoint; (epoch, step, batches done in that epoch)."""
+        found = self.checkpointer.load_latest(self.t.device)
+        if found is None:
+            return 0, 0, 0
+        state, path = found
+        if state.get("config_model") != json.dumps(self.t.config["model_kwargs"], sort_keys=True):
+            raise RunError(f"checkpoint {path} was written for model_kwargs {state.get('config_model')}, not "
+                           f"{json.dumps(self.t.config['model_kwargs'], sort_keys=True)}: resume with the run's own "
+                           f"model settings")
+        try:
+            self.raw_model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise RunError(f"checkpoint {path} does not fit this model: {str(exc).splitlines()[0]}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"]
+        if len(rngs) == self.env.world_size:
+            _set_rng_state(rngs[self.env.rank])
+        else:
+            self.log.warning("checkpoint was written by %d ranks, this job has %d: RNG streams restart from rank 0's",
+                             len(rngs), self.env.world_size)
+            _set_rng_state(rngs[0])
+        self.best = state.get("best")
+        self.log.info("resumed from %s (epoch %d, step %d, %d batches into the epoch)", path.name, state["epoch"],
+                      state["step"], state["batches_done"])
+        return state["epoch"], state["step"], state["batches_done"]
+
+    # ----------------------------------------------------------------------------------------------------- metrics
+    def _write_metrics(self, record: dict) -> None:
+        if self.is_main:
+            with open(self.run_dir.metrics_file, "a") as handle:
+                handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+    def _is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.maximize else value < self.best["value"]
+
+    def _agree(self, stop: bool, checkpoint_due: bool) -> tuple[bool, bool]:
+        """All ranks must stop and checkpoint at the same step; one tiny all-reduce at the log cadence."""
+        if not self.env.distributed:
+            return stop, checkpoint_due
+        flags = torch.tensor([float(stop), float(checkpoint_due)], device=self.t.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0].item()), bool(flags[1].item())
+
+    # -------------------------------------------------------------------------------------------------------- loop
+    def run(self) -> dict:
+        t, tk, log = self.t, self.tk, self.log
+        self._build()
+        self.best: Optional[dict] = None
+        start_epoch, step, batches_done = self._resume()
+        restarted = step > 0
+        if self.is_main:
+            self.run_dir.update_status(state="running", started_at=self.run_dir.read_status().get("started_at")
+                                       or now_iso(), host=self.env.hostname, world_size=self.env.world_size,
+                                       epoch=start_epoch, step=step, total_steps=self.total_steps,
+                                       job_id=self.env.job_id, error=None)
+        log.info("run %s: %d parameters, %d train / %d val / %d test samples, %d ranks on %s, %d steps per epoch",
+                 self.run_dir.path, sum(p.numel() for p in self.raw_model.parameters()), len(t.data.train),
+                 len(t.data.val), len(t.data.test), self.env.world_size, t.device, self.steps_per_epoch)
+        if not restarted:
+            torch.manual_seed(tk["seed"] + self.env.rank)  # per-rank dropout/augmentation streams
+        self.last_checkpoint_time = time.monotonic()
+        progress = self.progress = ProgressBar(self.is_main)
+        accum = tk["grad_accum_steps"]
+        log_every = tk["log_every_steps"]
+        ckpt_every_steps = tk["checkpoint_every_steps"]
+        ckpt_every_s = tk["checkpoint_every_minutes"] * 60
+        train_start = time.monotonic()
+        loss_sum = torch.zeros((), device=t.device)
+        loss_count = 0
+        last_loss: Optional[float] = None
+        self.model.train()
+
+        for epoch in range(start_epoch, tk["epochs"]):
+            sampler = self.train_loader.sampler
+            sampler.set_epoch(epoch, start_index=batches_done * self.train_loader.batch_size)
+            num_batches = batches_done + len(self.train_loader)
+            batch_index = batches_done
+            for inputs, targets in self.train_loader:
+                batch_index += 1
+                inputs = inputs.to(t.device, non_blocking=True)
+                targets = targets.to(t.device, non_blocking=True)
+                boundary = batch_index % accum == 0 or batch_index == num_batches
+                # Gradients are all-reduced only on the micro-batch that ends an accumulation window.
+                sync = nullcontext() if boundary or not self.env.distributed else self.model.no_sync()
+                with sync:
+                    with t._autocast():
+                        outputs = self.model(inputs)
+                        loss = self.loss_fn(outputs.float(), targets if self.classification else targets.float())
+                    self.scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+                if not boundary:
+                    continue
+                if tk["grad_clip_norm"]:
+                    self.scaler.unscale_(self.optimizer)
+                    nn.utils.clip_grad_norm_(self.raw_model.parameters(), tk["grad_clip_norm"])
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scheduler.step()
+                step += 1
+
+                at_log_point = step % log_every == 0
+                due = bool(ckpt_every_steps and step % ckpt_every_steps == 0)
+                # Ranks agree only at log points, which every rank reaches at the same step; a lone process may
+                # act on a stop request at once.
+                if at_log_point or (self.t.stop_reason is not None and not self.env.distributed):
+                    time_due = bool(ckpt_every_s and time.monotonic() - self.last_checkpoint_time >= ckpt_every_s)
+                    stop, due_any = self._agree(self.t.stop_reason is not None, due or time_due)
+                    due = due or due_any
+                    if at_log_point:
+                        last_loss = self._log_train(loss_sum, loss_count, epoch, step, train_start)
+                        loss_sum.zero_()
+                        loss_count = 0
+                    if stop:
+                        self.save_checkpoint(epoch, step, batch_index, wait=True)
+                        reason = self.t.stop_reason or "another rank was asked to stop"
+                        log.info("stopping at epoch %d step %d (%s): checkpoint written", epoch, step, reason)
+                        if self.is_main:
+                            self.run_dir.update_status(state="stopped", epoch=epoch, step=step, stop_reason=reason)
+                        return {"stopped": True, "epoch": epoch, "step": step, "reason": reason}
+                if due:
+                    self.save_checkpoint(epoch, step, batch_index)
+                progress.update(epoch, tk["epochs"], math.ceil(batch_index / accum), self.steps_per_epoch, last_loss)
+            progress.close()
+            batches_done = 0
+            metrics = t.evaluate("val", self.val_loader)
+            if loss_count:
+                metrics["train_loss"] = self._log_train(loss_sum, loss_count, epoch, step, train_start, write=False)
+                loss_sum.zero_()
+                loss_count = 0
+            self._end_epoch(epoch, step, metrics)
+
+        self.checkpointer.wait()
+        return self._finish(step, train_start)
+
+    def _log_train(self, loss_sum: torch.Tensor, count: int, epoch: int, step: int, train_start: float,
+                   write: bool = True) -> float:
+        """The one place the training loss leaves the device: every `log_every_steps` steps."""
+        totals = torch.stack([loss_sum.detach().float(), torch.tensor(float(count), device=loss_sum.device)])
+        if self.env.distributed:
+            dist.all_reduce(totals)
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        if write:
+            lr = self.optimizer.param_groups[0]["lr"]
+            self._write_metrics({"epoch": epoch, "step": step, "split": "train", "train_loss": loss, "lr": lr})
+            if not self.progress.enabled:
+                self.log.info("epoch %d step %d/%d train_loss %.4f lr %.3g (%.1fs)", epoch + 1, step,
+                              self.total_steps, loss, lr, time.monotonic() - train_start)
+        return loss
+
+    def _end_epoch(self, epoch: int, step: int, metrics: dict) -> None:
+        value = metrics.get(self.best_metric)
+        if value is None:
+            raise ConfigError(f"training_kwargs.best_metric '{self.best_metric}' is not a validation metric; "
+                              f"available: {', '.join(sorted(metrics))}")
+        improved = self._is_better(value)
+        if improved:
+            self.best = {"metric": self.best_metric, "value": value, "epoch": epoch, "step": step}
+            if self.is_main:
+                self.t.save_weights(self.run_dir.best_weights, best=self.best)
+        self._write_metrics({"epoch": epoch, "step": step, "split": "val", **metrics})
+        self.log.info("epoch %d/%d done: %s%s", epoch + 1, self.tk["epochs"],
+                      " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
+        self.save_checkpoint(epoch + 1, step, 0)
+        if self.is_main:
+            self.run_dir.update_status(epoch=epoch + 1, step=step, metrics=metrics, best=self.best)
+
+    def _finish(self, step: int, train_start: float) -> dict:
+        t = self.t
+        train_time = time.monotonic() - train_start
+        if self.is_main:
+            t.save_weights(self.run_dir.final_weights, step=step)
+        if self.env.distributed:
+            dist.barrier()
+        if self.run_dir.best_weights.is_file():
+            t.load_weights(self.run_dir.best_weights)
+        results = {**t.evaluate("test", self.test_loader), **t.evaluate("val", self.val_loader),
+                   "best": self.best, "epochs": self.tk["epochs"], "steps": step,
+                   "train_time_s": round(train_time, 3), "world_size": self.env.world_size}
+        if self.is_main:
+            write_json(self.run_dir.results_file, results)
+            self._write_metrics({"epoch": self.tk["epochs"] - 1, "step": step, "split": "test",
+                                 **{k: v for k, v in results.items() if k.startswith("test_")}})
+            self.run_dir.update_status(state="completed", ended_at=now_iso(), step=step,
+                                       results={k: v for k, v in results.items() if k.startswith(("test_", "val_"))})
+        summary = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_"))
+        self.log.info("finished: %s (best %s %.4f at epoch %d); run folder %s", summary,
+                      self.best["metric"], self.best["value"], self.best["epoch"] + 1, self.run_dir.path)
+        return results
+
+
+def _seed_worker(worker_id: int) -> None:
+    """DataLoader workers draw their seeds from torch's per-worker seed, so numpy/random agree with it."""
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _accepts(target: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def check_plugins(config: Mapping) -> None:
+    """Resolve the dataset and model names and check their keyword arguments against their signatures."""
+    for kind, section, name_key in (("dataset", "dataset_kwargs", "dataset_name"),
+                                    ("model", "model_kwargs", "model_name")):
+        kwargs = dict(config[section])
+        name = kwargs.pop(name_key)
+        target = registry.resolve(kind, name)
+        provided = ("input_shape", "num_outputs") if kind == "model" else ()
+        registry.check_kwargs(kind, name, target, kwargs, provided=provided)
