@@ -94,7 +94,8 @@ class SlurmKwargs:
     """Tasks per node for CPU jobs (ignored when gpus_per_node > 0)."""
     cpus_per_task: Optional[int] = None
     mem_gb: Optional[float] = None
-    time_min: int = 60
+    time_min: Optional[int] = None
+    """Time limit in minutes; None leaves it to the partition's default."""
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
@@ -368,8 +369,11 @@ def resolve(
     layers: Sequence[Mapping] = (),
     base: Optional[Mapping] = None,
     experiment_config: bool = True,
+    profile: Optional[str] = None,
+    final: Optional[Mapping] = None,
 ) -> dict:
-    """Resolve a config: base (defaults) < work_dir/config.yaml < `layers` < YAML `files` < `overrides`.
+    """Resolve a config: defaults < cluster profile < work_dir/config.yaml < `layers` < YAML `files` < `overrides`
+    < `final` (CLI flags such as --nodes).
 
     `layers` are Python mappings (the Trainer's keyword arguments). `work_dir` is searched for in every layer first,
     since the experiment's own config sits between the defaults and everything given explicitly.
@@ -378,6 +382,8 @@ def resolve(
     parsed = [parse_override(item) for item in overrides]
     file_layers = [load_yaml_file(path) for path in files]
     config = copy.deepcopy(dict(base)) if base is not None else defaults()
+    if profile is not None:
+        merge_layer(config, load_yaml_file(find_profile(profile)), problems)
 
     work_dir = config.get("work_dir")
     for layer in [*layers, *file_layers]:
@@ -394,12 +400,39 @@ def resolve(
         merge_layer(config, layer, problems)
     for key, value in parsed:
         _set_dotted(config, key, value, problems)
+    merge_layer(config, final or {}, problems)
     if problems:
         raise ConfigError("; ".join(problems))
     validate(config)
     if isinstance(config.get("work_dir"), str):
         config["work_dir"] = str(Path(config["work_dir"]).expanduser().absolute())
     return config
+
+
+def profile_dirs() -> list[Path]:
+    """Where cluster profiles live: $STRIDE_PROFILE_PATH, the user's config dir, then the repository's slurm/profiles."""
+    import os
+
+    dirs = [Path(p) for p in os.environ.get("STRIDE_PROFILE_PATH", "").split(os.pathsep) if p]
+    config_home = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config"))
+    dirs.append(config_home / "stride" / "profiles")
+    dirs.append(Path(__file__).resolve().parents[1] / "slurm" / "profiles")
+    return dirs
+
+
+def find_profile(name: str) -> Path:
+    """A profile by name (NAME.yaml in a profile dir) or by path."""
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file():
+        return Path(name)
+    known: list[str] = []
+    for folder in profile_dirs():
+        candidate = folder / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+        if folder.is_dir():
+            known += [p.stem for p in folder.glob("*.yaml")]
+    raise ConfigError(f"unknown profile '{name}'{did_you_mean(name, known)}; known profiles: "
+                      f"{', '.join(sorted(set(known))) or '(none)'} (searched {', '.join(map(str, profile_dirs()))})")
 
 
 def require_work_dir(config: Mapping) -> Path:
@@ -419,8 +452,8 @@ def split_cli_args(args: Iterable[Any]) -> tuple[list[str], list[str]]:
         text = str(arg)
         if "=" in text:
             overrides.append(text)
-        elif text.endswith((".yaml", ".yml")):
-            files.append(text)
+        elif text.endswith((".yaml", ".yml", ".json")):
+            files.append(text)  # JSON is YAML: a run's config.json is a valid layer
         else:
-            raise ConfigError(f"cannot read argument '{text}': expected key=value or a .yaml/.yml config file")
+            raise ConfigError(f"cannot read argument '{text}': expected key=value or a .yaml/.yml/.json config file")
     return files, overrides

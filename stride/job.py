@@ -30,17 +30,31 @@ def choose_backend(config: dict) -> str:
     return "nccl" if wants_cuda else "gloo"
 
 
-def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException) -> None:
-    """Each rank writes its own failure file (no contention); `stride status` names the rank, node and error."""
+def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signalled: Optional[str] = None) -> None:
+    """Each rank writes its own failure file (no contention); `stride status` names the rank, node and error.
+
+    A rank that raised after SLURM or the user signalled it (scancel, preemption) was interrupted, not broken: the
+    run is marked stopped and the scheduler's own record (cancelled, preempted, timeout) says the rest.
+    """
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     tail = "".join(lines).rstrip().splitlines()[-ERROR_TAIL_LINES:]
     failure = {"rank": env.rank, "host": env.hostname, "job_id": env.job_id, "error": f"{type(exc).__name__}: {exc}",
-               "traceback_tail": tail, "time": now_iso(), "pid": os.getpid()}
+               "traceback_tail": tail, "time": now_iso(), "pid": os.getpid(), "after_signal": signalled}
     folder = run.path / "failures"
     folder.mkdir(exist_ok=True)
     write_json(folder / f"rank_{env.rank}.json", failure)
-    run.update_status(state="failed", ended_at=now_iso(), failed_rank=env.rank, failed_host=env.hostname,
-                      error=failure["error"])
+    with run.locked():
+        status = run.read_status()
+        # The first rank to fail is the cause; the others usually fail because it left their collectives.
+        already_failed = status.get("state") == "failed" and status.get("failed_job") == env.job_id
+        if signalled:
+            if not already_failed and status.get("state") not in ("stopped", "cancelled"):
+                status.update(state="stopped", stop_reason=signalled, ended_at=now_iso(), updated_at=now_iso())
+                write_json(run.status_file, status)
+        elif not already_failed:
+            status.update(state="failed", ended_at=now_iso(), failed_rank=env.rank, failed_host=env.hostname,
+                          failed_job=env.job_id, error=failure["error"], error_tail=tail[-5:], updated_at=now_iso())
+            write_json(run.status_file, status)
 
 
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGUSR2: "SIGUSR2", signal.SIGINT: "SIGINT"}
@@ -79,10 +93,23 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
         return trainer.fit()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            record_failure(run, env, exc)
+            record_failure(run, env, exc, signalled=trainer.stop_reason if trainer is not None else None)
         raise
     finally:
         distenv.destroy_process_group()
+
+
+class SlurmTrain:
+    """The callable submitit pickles: only the run folder's path travels, by reference to this importable class."""
+
+    def __init__(self, run_path: str):
+        self.run_path = str(run_path)
+
+    def __call__(self) -> dict:
+        return run_rank(Path(self.run_path))
+
+    def __repr__(self) -> str:
+        return f"SlurmTrain({self.run_path!r})"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -101,3 +128,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
+from stride.errors import ClusterError
 from stride.logs import get_logger
 from stride.rundir import RunDir, now_iso
 
@@ -73,3 +74,52 @@ def run_local_ranks(run: RunDir, nproc: int) -> int:
     except KeyboardInterrupt:
         _stop_all(procs, signal.SIGINT)
         raise
+
+
+def preflight_slurm(config: dict, python: Optional[str] = None) -> dict:
+    """Everything checked before a run folder exists: sbatch present, parameters sane, Slurm would accept them.
+
+    Returns the submitit parameters. Raises ClusterError/ConfigError with one line otherwise.
+    """
+    from stride import slurm
+    from stride.proc import have
+
+    params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{Path(config['work_dir']).name}")
+    if not have("sbatch"):
+        raise ClusterError("'sbatch' is not on PATH: run stride submit on a SLURM login node (or `module load "
+                           "slurm`), or train here with `stride local`")
+    probe_folder = Path(config["work_dir"]) / ".stride-preflight"
+    slurm.test_only(slurm.make_sbatch_text(params, probe_folder, python))
+    return params
+
+
+def submit_run(config: dict, params: dict, python: Optional[str] = None) -> tuple[RunDir, str]:
+    """Allocate the run, submit it through submitit, record the job id; returns at once (never waits for the job).
+
+    A SUBMITTING marker is written before sbatch and removed once the job id is recorded, so a crash mid-submit is
+    visible instead of silently losing a job.
+    """
+    import submitit
+
+    from stride.job import SlurmTrain
+    from stride.provenance import create_run
+
+    run = create_run(config)
+    marker = run.path / "SUBMITTING"
+    marker.write_text(now_iso() + "\n")
+    try:
+        executor = submitit.SlurmExecutor(folder=run.slurm_dir, python=python,
+                                          max_num_timeout=config["slurm"]["max_timeout_requeues"])
+        executor.update_parameters(**params)
+        job = executor.submit(SlurmTrain(str(run.path)))
+    except Exception as exc:
+        run.update_status(state="failed", error=f"submission failed: {exc}")
+        raise ClusterError(f"submission of {run.path} failed: {str(exc).strip().splitlines()[-1]}") from None
+    job_id = str(job.job_id)
+    record = {"job_id": job_id, "submitted_at": now_iso(), "nodes": config["slurm"]["nodes"],
+              "tasks_per_node": params["ntasks_per_node"]}
+    run.update_metadata(lambda m: m.setdefault("jobs", []).append(record))
+    run.update_status(state="pending", job_id=job_id, launcher="slurm", nodes=config["slurm"]["nodes"],
+                      submitted_at=record["submitted_at"])
+    marker.unlink()
+    return run, job_id

@@ -13,7 +13,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 from stride.errors import ConfigError, RunError
 
@@ -175,9 +175,12 @@ class RunDir:
     def read_status(self) -> dict:
         return read_json(self.status_file, {}) or {}
 
-    def update_status(self, **fields: Any) -> dict:
+    def update_status(self, keep_states: Iterable[str] = (), **fields: Any) -> dict:
+        """Merge `fields` into status.json; a current state listed in `keep_states` is not overwritten."""
         with self.locked():
             status = self.read_status()
+            if status.get("state") in tuple(keep_states):
+                fields.pop("state", None)
             status.update(fields, updated_at=now_iso())
             write_json(self.status_file, status)
         return status

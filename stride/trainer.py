@@ -527,7 +527,8 @@ class _Loop:
                         reason = self.t.stop_reason or "another rank was asked to stop"
                         log.info("stopping at epoch %d step %d (%s): checkpoint written", epoch, step, reason)
                         if self.is_main:
-                            self.run_dir.update_status(state="stopped", epoch=epoch, step=step, stop_reason=reason)
+                            self.run_dir.update_status(state="stopped", epoch=epoch, step=step, stop_reason=reason,
+                                                       keep_states=("cancelled",))
                         return {"stopped": True, "epoch": epoch, "step": step, "reason": reason}
                 if due:
                     self.save_checkpoint(epoch, step, batch_index)

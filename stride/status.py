@@ -1,0 +1,181 @@
+"""What `stride status` and `stride logs` show: each run's state from its folder, corrected by Slurm's queue.
+
+The job writes its own state into status.json; squeue says whether a job is still queued or running; sacct (when
+the site has accounting) or the job's own log says how a job ended that never got to write its state (cancelled,
+timed out, killed). Standard library only: no torch, so the command is instant.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from stride import slurm
+from stride.rundir import RunDir
+
+FINAL_STATES = {"completed", "failed", "cancelled", "timeout", "stopped"}
+# How slurmstepd announces the end of a job in the job's stderr.
+LOG_ENDINGS = (("DUE TO TIME LIMIT", "timeout"), ("DUE TO PREEMPTION", "preempted"), ("CANCELLED AT", "cancelled"),
+               ("DUE TO NODE FAILURE", "node_fail"))
+
+
+def job_id_of(run: RunDir) -> Optional[str]:
+    status = run.read_status()
+    if status.get("job_id"):
+        return str(status["job_id"])
+    jobs = run.read_metadata().get("jobs") or []
+    return str(jobs[-1]["job_id"]) if jobs else None
+
+
+def _ending_from_logs(run: RunDir, job_id: str) -> Optional[str]:
+    for log in sorted(run.slurm_dir.glob(f"{job_id}_*_log.err")):
+        try:
+            with open(log, "rb") as handle:
+                handle.seek(0, 2)
+                handle.seek(max(0, handle.tell() - 8192))
+                tail = handle.read().decode(errors="replace")
+        except OSError:
+            continue
+        for needle, state in LOG_ENDINGS:
+            if needle in tail:
+                return state
+    return None
+
+
+def _elapsed_s(status: dict) -> Optional[float]:
+    def parse(text: Optional[str]) -> Optional[float]:
+        if not text:
+            return None
+        try:
+            return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        except ValueError:
+            return None
+
+    start = parse(status.get("started_at"))
+    if start is None:
+        return None
+    end = parse(status.get("ended_at")) if status.get("state") in FINAL_STATES else None
+    return (end or time.time()) - start
+
+
+def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
+    """One run's row: state, job, nodes, progress, metrics, elapsed, and the failure when there is one.
+
+    `queue` is None when squeue could not be asked: the run's own status.json is then all we know.
+    """
+    status = run.read_status()
+    job_id = job_id_of(run)
+    state = status.get("state", "unknown")
+    nodes = status.get("nodes") or ""
+    if queue is None:
+        pass
+    elif job_id and job_id in queue:
+        q = queue[job_id]
+        slurm_state = q["state"].lower()
+        # A job that checkpointed and was requeued shows PENDING again: say so.
+        state = "requeued" if slurm_state == "pending" and state in ("stopped", "running") else slurm_state
+        nodes = q["nodes"] or nodes
+    elif job_id and state in ("pending", "running", "stopped") and status.get("launcher") == "slurm":
+        ended = accounting.get(job_id, {}).get("state", "").lower()
+        if ended and ended not in ("pending", "running", "requeued"):
+            state = ended
+        else:
+            state = _ending_from_logs(run, job_id) or ("lost" if state != "stopped" else state)
+    epoch, step, total = status.get("epoch"), status.get("step"), status.get("total_steps")
+    epochs = run.read_config().get("training_kwargs", {}).get("epochs") if run.exists() else None
+    metrics = status.get("results") or status.get("metrics") or {}
+    row = {"run": run.name, "path": str(run.path), "state": state, "job_id": job_id or "", "nodes": nodes,
+           "epoch": f"{epoch}/{epochs}" if epoch is not None else "", "step": f"{step}/{total}" if step else "",
+           "metrics": metrics, "elapsed_s": _elapsed_s(status)}
+    if state == "failed" or status.get("failed_rank") is not None:
+        row["failure"] = {k: status.get(k) for k in ("failed_rank", "failed_host", "error", "error_tail")}
+    return row
+
+
+def describe_runs(runs: Iterable[RunDir]) -> list[dict]:
+    runs = list(runs)
+    job_ids = [j for j in (job_id_of(r) for r in runs) if j]
+    queue = slurm.query_squeue(job_ids)
+    missing = [j for j in job_ids if queue is not None and j not in queue]
+    accounting = slurm.query_sacct(missing) if missing else {}
+    return [describe(run, queue, accounting) for run in runs]
+
+
+def _format_elapsed(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _format_metrics(metrics: dict, limit: int = 3) -> str:
+    shown = [(k, v) for k, v in metrics.items() if isinstance(v, (int, float))][:limit]
+    return " ".join(f"{k}={v:.4g}" for k, v in shown)
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["run", "state", "job_id", "nodes", "epoch", "step", "elapsed", "metrics"]
+    table = [[str(cell) for cell in (r["run"], r["state"], r["job_id"], r["nodes"], r["epoch"], r["step"],
+                                     _format_elapsed(r["elapsed_s"]), _format_metrics(r["metrics"]))] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
+    return "\n".join(lines)
+
+
+def format_detail(row: dict) -> str:
+    lines = [f"run:      {row['path']}", f"state:    {row['state']}"]
+    for label, key in (("job:", "job_id"), ("nodes:", "nodes"), ("epoch:", "epoch"), ("step:", "step")):
+        if row[key]:
+            lines.append(f"{label:<9} {row[key]}")
+    if row["elapsed_s"] is not None:
+        lines.append(f"elapsed:  {_format_elapsed(row['elapsed_s'])}")
+    if row["metrics"]:
+        lines.append(f"metrics:  {_format_metrics(row['metrics'], limit=10)}")
+    failure = row.get("failure")
+    if failure and failure.get("failed_rank") is not None:
+        lines.append(f"failed:   rank {failure['failed_rank']} on {failure['failed_host']}: {failure['error']}")
+        for line in failure.get("error_tail") or []:
+            lines.append(f"          {line}")
+    return "\n".join(lines)
+
+
+def log_path(run: RunDir, rank: int, slurm_stream: Optional[str] = None) -> Path:
+    """The rank's own log, or (slurm_stream='out'/'err') submitit's stdout/stderr of that task in the last job."""
+    if slurm_stream is None:
+        return run.rank_log(rank)
+    job_id = job_id_of(run)
+    return run.slurm_dir / f"{job_id}_{rank}_log.{slurm_stream}"
+
+
+def read_new(path: Path, offset: int) -> tuple[str, int]:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:
+        return "", offset
+    return data.decode(errors="replace"), offset + len(data)
+
+
+def is_finished(run: RunDir) -> bool:
+    return describe_runs([run])[0]["state"] in FINAL_STATES | {"lost", "preempted", "node_fail", "out_of_memory"}
+
+
+def follow(run: RunDir, path: Path, write: Any, poll_s: float = 0.5, idle_after_end_s: float = 2.0,
+           max_s: float = 7 * 24 * 3600) -> None:
+    """Print `path` as it grows until the run has ended and the log has been quiet for a moment."""
+    offset = 0
+    quiet_since = None
+    deadline = time.monotonic() + max_s
+    while time.monotonic() < deadline:
+        text, offset = read_new(path, offset)
+        if text:
+            write(text)
+            quiet_since = None
+        elif is_finished(run):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= idle_after_end_s:
+                return
+        time.sleep(poll_s)

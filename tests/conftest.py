@@ -1,0 +1,40 @@
+"""Shared helpers: run the real `stride` CLI in a subprocess, bounded in time."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 600
+
+
+def run_stride(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "stride", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"stride {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def stride(tmp_path):
+    """`stride(...)` runs the CLI in tmp_path."""
+    def call(*args: str, **kwargs):
+        return run_stride(*args, cwd=tmp_path, **kwargs)
+    return call
