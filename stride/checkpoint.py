@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,6 +40,15 @@ def save_file(state: Any, path: Path) -> None:
 def load_file(path: Path, map_location: Any = "cpu") -> Any:
     """Load tensors and plain containers only (`weights_only=True`): a checkpoint never runs code."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def looks_complete(path: Path) -> bool:
+    """Cheap check that a file is a whole torch checkpoint: its zip central directory (written last) is readable."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return bool(archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 class Checkpointer:
@@ -94,6 +104,12 @@ class Checkpointer:
         atomic_write(self.directory / LATEST, lambda handle: handle.write(path.name + "\n"))
         for old in self.step_files()[self.keep_last:]:
             old.unlink(missing_ok=True)
+
+    def remove_partial_writes(self) -> None:
+        """Delete temporary files left by a writer that was killed mid-write (call only when no writer runs)."""
+        if self.directory.is_dir():
+            for leftover in self.directory.glob(".step_*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def candidates(self) -> list[Path]:
         """Files to try, best first: the one `latest` names, then every other step file, newest first."""

@@ -14,9 +14,11 @@ needs_slurm = pytest.mark.skipif(not os.environ.get("SLURM_CONF"),
                                         "(tests/run.sh always does)")
 
 
-def squeue_ids() -> set[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=30).stdout
-    return set(out.split())
+def squeue_ids(folder: Path) -> set[str]:
+    """Jobs in the queue that were submitted from `folder` (other tests may share the cluster)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%Z"], capture_output=True, text=True, timeout=30).stdout
+    return {job for job, _, workdir in (line.partition("|") for line in out.splitlines())
+            if Path(workdir).resolve() == Path(folder).resolve()}
 
 
 def job_state(job_id: str) -> str:

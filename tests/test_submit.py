@@ -15,13 +15,13 @@ CPU_JOB = ["--nodes", "2", "--tasks-per-node", "2", "--time", "10"]
 
 
 def test_dry_run_prints_script_and_config_and_writes_nothing(tmp_path, stride):
-    before = squeue_ids()
+    before = squeue_ids(tmp_path)
     proc = stride("submit", "work_dir=exp", *CPU_JOB, "--setup", "echo 'a; b'", "--dry-run", check=True)
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
     assert "--kill-on-bad-exit=1" in proc.stdout and "echo 'a; b'" in proc.stdout
     assert "model_name: CNN" in proc.stdout
     assert not (tmp_path / "exp").exists()
-    assert squeue_ids() == before
+    assert squeue_ids(tmp_path) == before
 
 
 def test_two_node_job_trains_like_local_and_collects_every_log(tmp_path, stride):
@@ -127,13 +127,13 @@ def test_one_failing_rank_ends_the_job_fast_and_is_named(tmp_path, stride):
     (["--time", "soon"], "--time 'soon' is not a time"),
 ])
 def test_impossible_requests_fail_before_anything_is_submitted(tmp_path, stride, args, message):
-    before = squeue_ids()
+    before = squeue_ids(tmp_path)
     proc = stride("submit", "work_dir=exp", *args)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stride: error: ") and message in lines[0], proc.stderr
     assert not (tmp_path / "exp").exists() or not any((tmp_path / "exp").iterdir())
-    assert squeue_ids() == before
+    assert squeue_ids(tmp_path) == before
 
 
 def test_missing_sbatch_is_one_clear_line(tmp_path, stride):
