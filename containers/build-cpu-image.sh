@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the stride CPU image: a plain root-filesystem directory that
-# Charliecloud (ch-run), Apptainer (as a sandbox), Podman (--rootfs) and
-# Docker (via build-docker-cpu.sh) can all run. No container registry needed.
+# Charliecloud (ch-run), Apptainer (as a sandbox) and Podman (--rootfs) run
+# as it is, and that Docker imports (containers/setup.sh). No registry needed.
 #
 #   containers/build-cpu-image.sh [DEST]     (DEST default: $STRIDE_IMAGE_DIR
 #                                             or /tmp/stride-images/cpu)
@@ -22,20 +22,24 @@ REPO=$(dirname "$HERE")
 DEST=$(realpath -m "${1:-${STRIDE_IMAGE_DIR:-/tmp/stride-images/cpu}}")
 WHEELS=${STRIDE_WHEEL_DIR:-/tmp/stride-images/wheels}
 REQS=$HERE/requirements-cpu.txt
+# Any pip of a CPython 3.11 x86_64 (the image's Python): the project's venv.
+PIP=${STRIDE_PIP:-$REPO/.venv/bin/pip}
 LOG=$DEST.build.log
 
 SUITE=bookworm
 MIRROR=${STRIDE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # libstdc++6: torch's _C needs it (the essential variant lacks it).
 # python-is-python3: so that `python` works as well as `python3`.
-DEBS=python3,python-is-python3,libstdc++6,ca-certificates
+# slurm-client: a rank calls `scontrol requeue` when its job must go back to
+# the queue (time limit, crash retry); Debian's matches the local cluster's.
+DEBS=python3,python-is-python3,libstdc++6,ca-certificates,slurm-client
 PYVER=3.11                                           # bookworm's python3
 SITE_REL=usr/local/lib/python$PYVER/dist-packages    # on Debian's sys.path
 # Bind targets must already exist in a read-only image (ch-run cannot create
 # them). Top-level directories that work folders usually live under; /tmp,
 # /home, /mnt, /opt, /srv, /root exist anyway.
 MOUNT_POINTS="work scratch data checkpoint gpfs lustre fsx shared projects"
-LAYOUT_VERSION=1          # bump to force a rebuild of the deps layer
+LAYOUT_VERSION=2          # bump to force a rebuild of the deps layer
 
 log() { printf '[build-cpu-image] %s\n' "$*" >&2; }
 
@@ -76,8 +80,7 @@ ensure_wheels() {
   log "downloading wheels into $WHEELS"
   mkdir -p "$WHEELS"
   # --only-binary: nothing is compiled; host and image are both cp311 x86_64.
-  run_logged pip download --only-binary=:all: -d "$WHEELS" -r "$REQS"
-  run_logged pip download --only-binary=:all: --no-deps -d "$WHEELS" pip  # for stride-cpu.def
+  run_logged "$PIP" download --only-binary=:all: -d "$WHEELS" -r "$REQS"
   echo "$key" >"$WHEELS/.stamp"
 }
 
@@ -100,7 +103,7 @@ build_deps_layer() {
   mkdir -p "$new/$SITE_REL"
   # pip compiles .pyc here: the image is mounted read-only at run time, so
   # Python could not cache bytecode itself. CPython 3.11.x share one magic.
-  run_logged pip install --no-index --find-links "$WHEELS" --target "$new/$SITE_REL" -r "$REQS"
+  run_logged "$PIP" install --no-index --find-links "$WHEELS" --target "$new/$SITE_REL" -r "$REQS"
   # Console scripts land in SITE/bin with the host's python in their shebang:
   # useless in the image (use `python3 -m torch.distributed.run` etc.).
   rm -rf "$new/$SITE_REL/bin"

@@ -6,19 +6,24 @@ naming a whole file, and loading falls back to the previous file if the newest o
 """
 from __future__ import annotations
 
-import re
+import collections
+import contextlib
+import dataclasses
+import math
 import threading
-import zipfile
+import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from stride.logs import get_logger
 from stride.rundir import atomic_write
 
-LATEST = "latest"
-_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+from stride import checkpoint_files
+from stride.checkpoint_files import LATEST, looks_complete  # noqa: F401  (re-exported)
+
+HISTORY_LENGTH = 100
 
 
 def snapshot(state: Any) -> Any:
@@ -32,9 +37,109 @@ def snapshot(state: Any) -> Any:
     return state
 
 
+class HostStaging:
+    """Host copies of a state's tensors, in buffers kept from one checkpoint to the next.
+
+    Fresh host memory costs a page fault per 4 KiB page on first touch, as much as the copy itself; a reused buffer
+    costs one memcpy. Tensors on CUDA go to pinned buffers with `non_blocking=True` on the current stream (which
+    orders them before the next optimizer step), so the training thread only enqueues them; the writer calls
+    `ready()` before reading. The caller must not copy again until the previous copy was written (Checkpointer waits).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._events: list[Any] = []
+
+    def copy(self, state: Any) -> Any:
+        used: dict[tuple, torch.Tensor] = {}
+        cuda_devices: set[int] = set()
+        out = self._copy(state, (), used, {}, cuda_devices)
+        self._buffers = used
+        self._events = []
+        for index in sorted(cuda_devices):
+            with torch.cuda.device(index):
+                event = torch.cuda.Event()
+                event.record()
+                self._events.append(event)
+        return out
+
+    def ready(self) -> None:
+        """Block until the copies `copy()` enqueued have landed (nothing to wait for with CPU tensors)."""
+        for event in self._events:
+            event.synchronize()
+        self._events = []
+
+    def _copy(self, value: Any, key: tuple, used: dict, memo: dict, cuda_devices: set) -> Any:
+        if isinstance(value, torch.Tensor):
+            if id(value) not in memo:  # a tensor reachable twice (tied weights) gets one copy, as torch.save keeps it
+                memo[id(value)] = self._copy_tensor(value.detach(), key, used, cuda_devices)
+            return memo[id(value)]
+        if isinstance(value, dict):
+            return {k: self._copy(v, key + (k,), used, memo, cuda_devices) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._copy(v, key + (i,), used, memo, cuda_devices) for i, v in enumerate(value))
+        return value
+
+    def _copy_tensor(self, tensor: torch.Tensor, key: tuple, used: dict, cuda_devices: set) -> torch.Tensor:
+        if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or not tensor.is_contiguous():
+            return tensor.to("cpu", copy=True)  # subclasses, sparse, strided views: a plain copy, not reused
+        on_cuda = tensor.device.type == "cuda"
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=on_cuda)
+        buffer.copy_(tensor, non_blocking=on_cuda)
+        if on_cuda:
+            cuda_devices.add(tensor.device.index)
+        used[key] = buffer
+        return buffer
+
+
+@dataclasses.dataclass
+class SaveRecord:
+    """What one checkpoint cost: the training thread's stall, and the background write."""
+
+    step: int
+    started: float
+    """time.perf_counter() when save() was called."""
+    stall_s: float = math.nan
+    """How long save() blocked its caller: waiting for the previous write, then copying to host memory."""
+    written: float = math.nan
+    """time.perf_counter() when the file was durable and `latest` named it."""
+    write_s: float = math.nan
+    """Serialise, write, fsync and rename, on the writer thread."""
+    num_bytes: int = 0
+
+
+_crc32_lock = threading.Lock()
+_crc32_users = 0
+_crc32_setting = True
+
+
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """torch.save computes a CRC32 per record by default, in software at ~0.7 GB/s (slower than an NVMe disk), and
+    torch.load never checks it: a flipped byte loads silently either way. Completeness comes from fsync-then-rename,
+    so stride's own saves skip it. The switch is process-wide (torch.serialization.set_crc32_options): a count of
+    concurrent saves restores the previous setting when the last one ends."""
+    global _crc32_users, _crc32_setting
+    with _crc32_lock:
+        if _crc32_users == 0:
+            _crc32_setting = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+        _crc32_users += 1
+    try:
+        yield
+    finally:
+        with _crc32_lock:
+            _crc32_users -= 1
+            if _crc32_users == 0:
+                torch.serialization.set_crc32_options(_crc32_setting)
+
+
 def save_file(state: Any, path: Path) -> None:
     """torch.save through a temporary name, fsync and rename."""
-    atomic_write(path, lambda handle: torch.save(state, handle), mode="wb")
+    with _without_crc32():
+        atomic_write(path, lambda handle: torch.save(state, handle), mode="wb")
 
 
 def load_file(path: Path, map_location: Any = "cpu") -> Any:
@@ -42,43 +147,39 @@ def load_file(path: Path, map_location: Any = "cpu") -> Any:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def looks_complete(path: Path) -> bool:
-    """Cheap check that a file is a whole torch checkpoint: its zip central directory (written last) is readable."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return bool(archive.namelist())
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
 class Checkpointer:
-    """Writes `step_<N>.pt` files into one folder, keeps the newest `keep_last`, and finds the newest good one."""
+    """Writes `step_<N>.pt` files into one folder, keeps the newest `keep_last`, and finds the newest good one.
+
+    `history` holds a `SaveRecord` for each of the last saves: what the training thread paid, what the write took.
+    """
 
     def __init__(self, directory: Path, keep_last: int = 2, background: bool = True):
         self.directory = Path(directory)
         self.keep_last = max(1, keep_last)
         self.background = background
+        self.history: collections.deque[SaveRecord] = collections.deque(maxlen=HISTORY_LENGTH)
+        self._staging = HostStaging()
         self._thread: Optional[threading.Thread] = None
         self._error: Optional[BaseException] = None
 
     def path_for(self, step: int) -> Path:
-        return self.directory / f"step_{step:09d}.pt"
+        return self.directory / checkpoint_files.step_file_name(step)
 
     def step_files(self) -> list[Path]:
         """Checkpoint files, newest first."""
-        if not self.directory.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _STEP_FILE.match(p.name))]
-        return [p for _, p in sorted(found, reverse=True)]
+        return checkpoint_files.step_files(self.directory)
 
     def save(self, state: dict, step: int, wait: bool = False) -> None:
         """Snapshot `state` now; write it in the background unless `wait` (or background writes are off)."""
-        self.wait()
-        cpu_state = snapshot(state)
+        record = SaveRecord(step=step, started=time.perf_counter())
+        self.wait()  # the previous write holds the staging buffers until it is on disk
+        host_state = self._staging.copy(state)
+        record.stall_s = time.perf_counter() - record.started
+        self.history.append(record)
         if not self.background or wait:
-            self._write(cpu_state, step)
+            self._write(host_state, record)
             return
-        self._thread = threading.Thread(target=self._write_guarded, args=(cpu_state, step),
+        self._thread = threading.Thread(target=self._write_guarded, args=(host_state, record),
                                         name="stride-checkpoint", daemon=True)
         self._thread.start()
 
@@ -91,36 +192,37 @@ class Checkpointer:
             error, self._error = self._error, None
             raise error
 
-    def _write_guarded(self, state: dict, step: int) -> None:
+    def _write_guarded(self, state: dict, record: SaveRecord) -> None:
         try:
-            self._write(state, step)
+            self._write(state, record)
         except BaseException as exc:  # surfaced by wait()
             self._error = exc
 
-    def _write(self, state: dict, step: int) -> None:
+    def _write(self, state: dict, record: SaveRecord) -> None:
+        start = time.perf_counter()
+        self._staging.ready()
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.path_for(step)
+        path = self.path_for(record.step)
         save_file(state, path)
         atomic_write(self.directory / LATEST, lambda handle: handle.write(path.name + "\n"))
+        record.written = time.perf_counter()
+        record.write_s = record.written - start
+        record.num_bytes = path.stat().st_size
+        get_logger().debug("checkpoint %s: %.1f MB written in %.3f s; training paused %.1f ms", path.name,
+                           record.num_bytes / 1e6, record.write_s, record.stall_s * 1e3)
         for old in self.step_files()[self.keep_last:]:
             old.unlink(missing_ok=True)
 
     def remove_partial_writes(self) -> None:
         """Delete temporary files left by a writer that was killed mid-write (call only when no writer runs)."""
         if self.directory.is_dir():
-            for leftover in self.directory.glob(".step_*.tmp"):
-                leftover.unlink(missing_ok=True)
+            for pattern in (".step_*.tmp", f".{LATEST}.*.tmp"):  # atomic_write's temporary names
+                for leftover in self.directory.glob(pattern):
+                    leftover.unlink(missing_ok=True)
 
     def candidates(self) -> list[Path]:
         """Files to try, best first: the one `latest` names, then every other step file, newest first."""
-        files = self.step_files()
-        pointer = self.directory / LATEST
-        if pointer.is_file():
-            named = self.directory / pointer.read_text().strip()
-            if named in files:
-                files.remove(named)
-                files.insert(0, named)
-        return files
+        return checkpoint_files.candidates(self.directory)
 
     def load_latest(self, map_location: Any = "cpu") -> Optional[tuple[dict, Path]]:
         """The newest readable checkpoint and its path, or None when the folder holds none."""

@@ -15,12 +15,18 @@ from stride.errors import StrideError
 EXIT_USER_ERROR = 2
 
 
+# Switches: Fire would otherwise take the next word as their value (`--local epochs=3` -> local="epochs=3").
+BOOLEAN_FLAGS = {"--local", "--dry-run", "--dry_run", "--exclusive", "--follow"}
+
+
 def normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Accept the seed's `--config key=value` (repeatable) beside plain `key=value` words."""
+    """Accept the seed's `--config key=value` (repeatable) beside plain `key=value` words; pin switches to True."""
     out: list[str] = []
     words = iter(argv)
     for word in words:
-        if word == "--config":
+        if word in BOOLEAN_FLAGS:
+            out.append(f"{word}=True")
+        elif word == "--config":
             value = next(words, None)
             if value is None:
                 raise StrideError("--config needs a value: --config key=value or --config file.yaml")
@@ -78,40 +84,37 @@ class StrideCLI:
       stride config work_dir=exp my_settings.yaml training_kwargs.epochs=5
     """
 
-    def local(self, *args: Any, nproc: int = 1, gpus: int = 0) -> str:
+    def local(self, *args: Any, nproc: int = 1, gpus: int = 0, container: Optional[str] = None) -> str:
         """Train a new run on this machine.
 
         Args:
           args: key.sub=value overrides and YAML config files (work_dir=... is required).
           nproc: processes on this machine (torch.distributed with gloo on CPU).
           gpus: GPUs to use, one process each (nccl); overrides nproc.
+          container: run every process inside this image (a .sif file, an image folder or an image name).
         """
-        from stride import launch
         from stride.provenance import create_run
         from stride.trainer import check_plugins
 
-        config = _resolve(args)
+        config = _resolve(args, final=_container_flag(container))
         config_lib.require_work_dir(config)
         world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc)
         if gpus:
             config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
-        check_plugins(config)
+        plan = _container_plan(config, gpus_requested=world if gpus else 0, for_submit=False)
+        if plan is None:
+            check_plugins(config)  # with a container, the preflight checked them inside the image
         run = create_run(config)
+        _record_container(run, plan)
         print(f"stride: run folder {run.path}", file=sys.stderr)
-        if world == 1:
-            results = launch.run_in_process(run)
-        else:
-            code = launch.run_local_ranks(run, world)
-            if code != 0:
-                raise SystemExit(f"stride: run {run.path} failed (rank exit code {code}); see {run.logs_dir}")
-            results = run.read_status().get("results") or {}
-        return _summary(run, results)
+        return _train_here(run, world, plan.argv if plan else None)
 
     def submit(self, *args: Any, nodes: Optional[int] = None, gpus: Optional[int] = None,
                tasks_per_node: Optional[int] = None, cpus_per_task: Optional[int] = None, mem: Any = None,
                time: Any = None, partition: Optional[str] = None, account: Optional[str] = None,
                qos: Optional[str] = None, constraint: Optional[str] = None, exclusive: bool = False,
-               sbatch: Any = None, setup: Any = None, profile: Optional[str] = None, dry_run: bool = False) -> str:
+               sbatch: Any = None, setup: Any = None, profile: Optional[str] = None, dry_run: bool = False,
+               container: Optional[str] = None) -> str:
         """Submit a new run to SLURM through submitit and return at once with the run folder and job id.
 
         Args:
@@ -131,12 +134,13 @@ class StrideCLI:
           setup: a shell line run before the ranks start (repeatable), e.g. --setup 'module load cuda'.
           profile: a cluster profile: NAME.yaml in slurm/profiles or ~/.config/stride/profiles.
           dry_run: print the sbatch script and the resolved config; submit and write nothing.
+          container: run every rank inside this image (a .sif file, an image folder or an image name).
         """
         from stride import slurm
 
         flags = _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition, account, qos,
                              constraint, exclusive, sbatch, setup)
-        config = _resolve(args, profile=profile, final=flags)
+        config = _resolve(args, profile=profile, final={**flags, **_container_flag(container)})
         work_dir = config_lib.require_work_dir(config)
         warning = slurm.visibility_warning(work_dir)
         if dry_run:
@@ -145,19 +149,90 @@ class StrideCLI:
             params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{work_dir.name}")
             run_name = config.get("run") or str(next_integer_name(work_dir))
             preview = dict(config, run=run_name)
-            text = slurm.make_sbatch_text(params, work_dir / run_name / "slurm")
+            text = slurm.make_sbatch_text(params, work_dir / run_name / "slurm", _container_command(config))
             note = f"# warning: {warning}\n" if warning else ""
             return (f"{note}# sbatch script (dry run: nothing written, nothing submitted)\n{text.rstrip()}\n\n"
                     f"# resolved config for run {work_dir / run_name}\n{config_lib.to_yaml(preview).rstrip()}")
         from stride import launch
+        from stride.provenance import create_run
         from stride.trainer import check_plugins
 
-        check_plugins(config)
-        params = launch.preflight_slurm(config)
+        plan = _container_plan(config, gpus_requested=config["slurm"]["gpus_per_node"], for_submit=True)
+        if plan is None:
+            check_plugins(config)  # with a container, the preflight checked them inside the image
+        python = plan.shell if plan else None
+        params = launch.preflight_slurm(config, python)
         if warning:
             print(f"stride: warning: {warning}", file=sys.stderr)
-        run, job_id = launch.submit_run(config, params)
+        run = create_run(config)
+        _record_container(run, plan)
+        run, job_id = launch.submit_run(config, params, python, run=run)
         return f"submitted job {job_id}\nrun folder: {run.path}"
+
+    def resume(self, run: str, *amendments: Any, work_dir: Optional[str] = None, local: bool = False,
+               nproc: Optional[int] = None, gpus: Optional[int] = None, nodes: Optional[int] = None,
+               tasks_per_node: Optional[int] = None, cpus_per_task: Optional[int] = None, mem: Any = None,
+               time: Any = None, partition: Optional[str] = None, account: Optional[str] = None,
+               qos: Optional[str] = None, constraint: Optional[str] = None, exclusive: bool = False,
+               sbatch: Any = None, setup: Any = None) -> str:
+        """Continue a stopped, failed or cancelled run from its latest checkpoint, with its own config.
+
+        On SLURM by default, with the resources the run used unless flags say otherwise; --local trains here with
+        as many processes as the run had. A few keys may be amended, e.g. training_kwargs.epochs=40 to train a
+        completed run longer; every amendment is recorded in the run's metadata.json.
+
+        Args:
+          run: a run folder (or a run name with --work-dir).
+          amendments: key.sub=value changes: epochs, checkpoint cadence, data-loader workers, timeouts, slurm.*.
+          work_dir: the work_dir holding `run`, when run is a name.
+          local: resume on this machine instead of submitting to SLURM.
+          nproc: with --local: processes on this machine (default: the run's own number of ranks).
+          gpus: with --local: GPUs on this machine; on SLURM: GPUs per node.
+          nodes: SLURM nodes (default: as before).
+          tasks_per_node: SLURM tasks per node for CPU jobs.
+          cpus_per_task: CPU cores per task.
+          mem: memory per node (16G, 500M).
+          time: time limit, minutes or HH:MM:SS.
+          partition: SLURM partition.
+          account: SLURM account.
+          qos: SLURM quality of service.
+          constraint: node features.
+          exclusive: whole nodes only.
+          sbatch: any other sbatch option as KEY=VALUE (repeatable).
+          setup: a shell line run before the ranks start (repeatable).
+        """
+        from stride import resume as resume_lib
+        from stride import status as status_lib
+        from stride.rundir import find_run
+
+        run_dir = find_run(run, work_dir)
+        overrides = config_lib.split_cli_args(amendments)[1] if amendments else []
+        if amendments and config_lib.split_cli_args(amendments)[0]:
+            raise StrideError("stride resume takes key=value amendments only, not config files: a resumed run keeps "
+                              "its own config")
+        flags = {} if local else _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition,
+                                              account, qos, constraint, exclusive, sbatch, setup)
+        original = run_dir.read_config()
+        config, changes = resume_lib.amend_config(run_dir, overrides, flags)
+        live_state = status_lib.describe_runs([run_dir])[0]["state"]
+        nothing_to_do = resume_lib.check_resumable(run_dir, live_state, config, original)
+        if nothing_to_do:
+            return nothing_to_do
+        command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+        if local:
+            previous = run_dir.read_status().get("world_size") or 1
+            world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc) if nproc else previous
+            if gpus:
+                config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
+            resume_lib.record_resume(run_dir, config, changes, "local", command)
+            print(f"stride: resuming {run_dir.path} on this machine ({world} process(es))", file=sys.stderr)
+            return _train_here(run_dir, world)
+        from stride import launch
+
+        params = launch.preflight_slurm(config)
+        resume_lib.record_resume(run_dir, config, changes, "slurm", command)
+        run_dir, job_id = launch.submit_run(config, params, run=run_dir)
+        return f"submitted job {job_id}\nresuming run folder: {run_dir.path}"
 
     def status(self, target: str = ".", work_dir: Optional[str] = None) -> str:
         """Show runs: state, SLURM job, nodes, progress, latest metrics, elapsed time.
@@ -242,9 +317,66 @@ def _non_negative(flag: str, value: Any) -> int:
     return value
 
 
-def _summary(run: Any, results: dict) -> str:
+STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR2": 140}
+
+
+def _train_here(run: Any, world: int, python: Optional[Sequence[str]] = None) -> str:
+    """Train `run` on this machine with `world` processes (each started by `python`, e.g. a container command);
+    a run stopped by a signal exits 128+signal."""
+    from stride import launch
+
+    if world == 1 and python is None:
+        results = launch.run_in_process(run)
+    else:
+        code = launch.run_local_ranks(run, world, python)
+        status = run.read_status()
+        if code != 0:
+            raise SystemExit(f"stride: run {run.path} failed (rank exit code {code}); see {run.logs_dir}")
+        results = status.get("results") or {}
+        if status.get("state") == "stopped":
+            results = {"stopped": True, "step": status.get("step"), "reason": status.get("stop_reason")}
     if results.get("stopped"):
-        return f"stopped at step {results['step']} ({results['reason']}); resume with: stride resume {run.path}"
+        print(f"stopped at step {results['step']} ({results['reason']}): checkpoint written; continue with: "
+              f"stride resume {run.path} --local")
+        raise SystemExit(STOP_EXIT_CODES.get(results["reason"], 1))
+    return _summary(run, results)
+
+
+def _container_flag(image: Any) -> dict:
+    """--container IMAGE -> the config's container.image (the flag wins over every config layer)."""
+    return {} if image is None else {"container": {"image": str(image)}}
+
+
+def _container_plan(config: dict, gpus_requested: int, for_submit: bool) -> Any:
+    """With container.image set: the preflight (runtime, image, its Python and packages, plug-ins, digest) and the
+    command every rank starts with; None without one."""
+    if not config["container"]["image"]:
+        return None
+    import os
+
+    from stride import container_check
+
+    plan = container_check.prepare(config, gpus_requested, for_submit)
+    os.environ.update(plan.env)  # the ranks inherit it: locally as children, on SLURM through sbatch's --export=ALL
+    return plan
+
+
+def _container_command(config: dict) -> Optional[str]:
+    """The per-rank container command for --dry-run (nothing is run), or None without a container."""
+    if not config["container"]["image"]:
+        return None
+    from stride import container_check
+
+    return container_check.describe(config, config["slurm"]["gpus_per_node"]).shell
+
+
+def _record_container(run: Any, plan: Any) -> None:
+    """metadata.json's `container`: the image, its digest and the software the preflight found in it."""
+    if plan is not None:
+        run.update_metadata(lambda m: m.update(container=plan.metadata()))
+
+
+def _summary(run: Any, results: dict) -> str:
     metrics = " ".join(f"{k}={v:.4f}" for k, v in results.items() if k.startswith("test_") and isinstance(v, float))
     return f"{metrics}\nrun folder: {run.path}".strip()
 

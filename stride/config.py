@@ -108,8 +108,32 @@ class SlurmKwargs:
     """Shell lines run before the ranks start, e.g. 'module load cuda'."""
     max_timeout_requeues: int = 3
     """How often a job that hits its time limit is requeued (preemptions do not count)."""
+    max_crash_requeues: int = 1
+    """How often a crashed job is retried; never twice in a row for the same error."""
     signal_delay_s: int = 90
     """Seconds before the time limit at which SLURM sends USR2 so the run can checkpoint."""
+
+
+@dataclass
+class ContainerKwargs:
+    image: Optional[str] = None
+    """The image every rank runs in: a .sif file or image folder (Apptainer, Charliecloud, Podman) or an image name
+    in Docker's/Podman's store; None runs on the host."""
+    runtime: str = "auto"
+    """auto, apptainer, docker, podman or charliecloud; auto: .sif -> apptainer, folder -> charliecloud (else
+    apptainer), name -> docker (else podman)."""
+    executable: Optional[str] = None
+    """The runtime's program when not the usual name on PATH, e.g. singularity for runtime apptainer."""
+    python: str = "python3"
+    """The image's Python that runs each rank."""
+    binds: list = field(default_factory=list)
+    """More host paths to mount: 'SRC', 'SRC:DST' or 'SRC:DST:ro'; work_dir and /etc/hosts are always mounted."""
+    env: dict = field(default_factory=dict)
+    """Variables set inside the container, e.g. {PYTHONPATH: /code}."""
+    gpus: Any = "auto"
+    """GPU pass-through (--nv, --gpus all, CDI): auto (on when the run asks for GPUs), true or false."""
+    runtime_args: list = field(default_factory=list)
+    """More arguments for `apptainer exec`, `docker run`, `podman run` or `ch-run`, placed before the image."""
 
 
 @dataclass
@@ -128,6 +152,7 @@ class Config:
     training_kwargs: TrainingKwargs = field(default_factory=TrainingKwargs)
     distributed_kwargs: DistributedKwargs = field(default_factory=DistributedKwargs)
     slurm: SlurmKwargs = field(default_factory=SlurmKwargs)
+    container: ContainerKwargs = field(default_factory=ContainerKwargs)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -137,6 +162,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training_kwargs.precision": ("fp32", "bf16", "fp16"),
     "training_kwargs.best_mode": ("auto", "max", "min"),
     "distributed_kwargs.backend": ("auto", "nccl", "gloo"),
+    "container.runtime": ("auto", "apptainer", "docker", "podman", "charliecloud"),
 }
 POSITIVE = {
     "load_data_kwargs.batch_size", "load_data_kwargs.eval_batch_size", "training_kwargs.epochs",
@@ -148,6 +174,7 @@ NON_NEGATIVE = {
     "load_data_kwargs.num_workers", "training_kwargs.weight_decay", "training_kwargs.warmup_steps",
     "training_kwargs.checkpoint_every_steps", "training_kwargs.checkpoint_every_minutes",
     "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.max_timeout_requeues", "slurm.signal_delay_s",
+    "slurm.max_crash_requeues",
 }
 # Sections whose keys belong to the chosen plug-in; they are checked against its signature, not here.
 FREE_FORM = {"dataset_kwargs", "model_kwargs"}
@@ -346,6 +373,10 @@ def validate(config: dict) -> dict:
     """Check every key and type, raising one ConfigError that lists every problem."""
     problems: list[str] = []
     _validate_section(config, Config, "", problems)
+    if isinstance(config.get("container"), dict):
+        from stride.container import check_section
+
+        problems.extend(check_section(config["container"]))
     for section, name_key in (("dataset_kwargs", "dataset_name"), ("model_kwargs", "model_name")):
         section_value = config.get(section)
         if isinstance(section_value, dict) and not isinstance(section_value.get(name_key), str):

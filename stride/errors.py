@@ -25,6 +25,10 @@ class ClusterError(StrideError):
     """The cluster refused a request or a cluster tool is missing."""
 
 
+class ContainerError(StrideError):
+    """A container image or runtime cannot run the ranks: missing, unreadable, or incompatible with this side."""
+
+
 def did_you_mean(word: str, choices: Iterable[str], limit: int = 3) -> str:
     """A ` (did you mean 'x' or 'y'?)` hint, or an empty string when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=limit, cutoff=0.6)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stride import distenv
+from stride import requeue as requeue_lib
 from stride.errors import StrideError
 from stride.rundir import RunDir, now_iso, write_json
 
@@ -30,31 +31,82 @@ def choose_backend(config: dict) -> str:
     return "nccl" if wants_cuda else "gloo"
 
 
-def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signalled: Optional[str] = None) -> None:
+def _requeue_decision(run: RunDir, env: distenv.DistEnv, config: dict, reason: str,
+                      error: Optional[str] = None, **context: Any) -> requeue_lib.Decision:
+    """Decide, record in metadata["requeues"], then (if so decided) put the SLURM job back in the queue.
+
+    The record is written before `scontrol requeue`: a decision that could not be recorded is never acted on, so a
+    crash loop cannot escape the rules that look at the history.
+    """
+    from stride import slurm
+
+    limits = config["slurm"]
+    history = run.read_metadata().get("requeues") or []
+    decision = requeue_lib.decide(reason, history, limits["max_timeout_requeues"], limits["max_crash_requeues"], error)
+    record = decision.record(job_id=env.job_id, restart=env.restart_count, time=now_iso(), error=error, **context)
+    run.update_metadata(lambda m: m.setdefault("requeues", []).append(record))
+    failure = slurm.requeue(env.job_id) if decision.requeue else None
+    if failure:
+        decision = requeue_lib.Decision(reason, False, f"scontrol requeue failed: {failure}")
+        run.update_metadata(lambda m: m["requeues"][-1].update(requeue=False, why=decision.why))
+    return decision
+
+
+def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signalled: Optional[str] = None,
+                   config: Optional[dict] = None) -> None:
     """Each rank writes its own failure file (no contention); `stride status` names the rank, node and error.
 
-    A rank that raised after SLURM or the user signalled it (scancel, preemption) was interrupted, not broken: the
-    run is marked stopped and the scheduler's own record (cancelled, preempted, timeout) says the rest.
+    The first rank to fail in an attempt is the cause (the others usually fail because it left their collectives);
+    on SLURM it also decides whether the job is retried. A rank that raised after SLURM or the user signalled it
+    (scancel, preemption) was interrupted, not broken: the run is marked stopped and the scheduler's own record
+    (cancelled, preempted, timeout) says the rest.
     """
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     tail = "".join(lines).rstrip().splitlines()[-ERROR_TAIL_LINES:]
-    failure = {"rank": env.rank, "host": env.hostname, "job_id": env.job_id, "error": f"{type(exc).__name__}: {exc}",
+    error = f"{type(exc).__name__}: {exc}"
+    failure = {"rank": env.rank, "host": env.hostname, "job_id": env.job_id, "error": error,
                "traceback_tail": tail, "time": now_iso(), "pid": os.getpid(), "after_signal": signalled}
     folder = run.path / "failures"
     folder.mkdir(exist_ok=True)
     write_json(folder / f"rank_{env.rank}.json", failure)
     with run.locked():
         status = run.read_status()
-        # The first rank to fail is the cause; the others usually fail because it left their collectives.
-        already_failed = status.get("state") == "failed" and status.get("failed_job") == env.job_id
+        if status.get("failed_attempt") == env.rendezvous_id:
+            return
         if signalled:
-            if not already_failed and status.get("state") not in ("stopped", "cancelled"):
+            if status.get("state") not in ("stopped", "cancelled"):
                 status.update(state="stopped", stop_reason=signalled, ended_at=now_iso(), updated_at=now_iso())
                 write_json(run.status_file, status)
-        elif not already_failed:
-            status.update(state="failed", ended_at=now_iso(), failed_rank=env.rank, failed_host=env.hostname,
-                          failed_job=env.job_id, error=failure["error"], error_tail=tail[-5:], updated_at=now_iso())
-            write_json(run.status_file, status)
+            return
+        status.update(state="failed", ended_at=now_iso(), failed_rank=env.rank, failed_host=env.hostname,
+                      failed_job=env.job_id, failed_attempt=env.rendezvous_id, error=error, error_tail=tail[-5:],
+                      updated_at=now_iso())
+        write_json(run.status_file, status)
+    # This rank claimed the failure for its attempt above; it alone decides whether the job is retried.
+    if env.launcher == "slurm" and config is not None:
+        decision = _requeue_decision(run, env, config, "crashed", error=error, rank=env.rank, host=env.hostname)
+        if decision.requeue:
+            run.update_status(state="requeued")
+
+
+def after_stop(run: RunDir, env: distenv.DistEnv, config: dict, result: dict) -> None:
+    """Rank 0 of a SLURM job that stopped on a signal: classify it, record it, requeue when the rules say so."""
+    from stride import slurm
+
+    signal_name = result.get("reason", "")
+    seconds_left = slurm.time_left_s(env.job_id) if signal_name != "SIGTERM" else None
+    reason = requeue_lib.classify_signal(signal_name, seconds_left, config["slurm"]["signal_delay_s"])
+    decision = _requeue_decision(run, env, config, reason, signal=signal_name, step=result.get("step"),
+                                 epoch=result.get("epoch"), seconds_left=seconds_left)
+    state = "requeued" if decision.requeue else ("timeout" if reason == "timeout" else "stopped")
+    run.update_status(state=state, stop_reason=f"{signal_name}: {decision.why}", keep_states=("cancelled",))
+
+
+def record_attempt(run: RunDir, env: distenv.DistEnv) -> None:
+    """metadata["attempts"]: one line per start of the run (first launch, each requeue, each resume)."""
+    record = {"launcher": env.launcher, "job_id": env.job_id, "restart": env.restart_count,
+              "started_at": now_iso(), "host": env.hostname, "world_size": env.world_size, "pid": os.getpid()}
+    run.update_metadata(lambda m: m.setdefault("attempts", []).append(record))
 
 
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGUSR2: "SIGUSR2", signal.SIGINT: "SIGINT"}
@@ -88,15 +140,21 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
                                    dk["timeout_s"])
         from stride.trainer import Trainer
 
+        if env.is_main:
+            record_attempt(run, env)
         trainer = Trainer(config=config, dist_env=env, run_dir=run)
         _install_stop_handlers(trainer)
-        return trainer.fit()
+        result = trainer.fit()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            record_failure(run, env, exc, signalled=trainer.stop_reason if trainer is not None else None)
+            record_failure(run, env, exc, signalled=trainer.stop_reason if trainer is not None else None,
+                           config=config)
         raise
     finally:
         distenv.destroy_process_group()
+    if result.get("stopped") and env.launcher == "slurm" and env.is_main:
+        after_stop(run, env, config, result)
+    return result
 
 
 class SlurmTrain:
@@ -126,6 +184,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Flush and leave without running C++ static destructors: gloo/TCPStore threads torn down at interpreter exit
+    can abort a rank whose work is already done and saved ("terminate called without an active exception")."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
 

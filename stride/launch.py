@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from stride.errors import ClusterError
 from stride.logs import get_logger
@@ -50,11 +50,42 @@ def _stop_all(procs: list[subprocess.Popen], sig: int = signal.SIGTERM) -> None:
             proc.wait(timeout=TERMINATE_GRACE_S)
 
 
-def run_local_ranks(run: RunDir, nproc: int) -> int:
-    """N ranks of one run as subprocesses on this machine; if one fails, the others are stopped too."""
+def _forward_signals(procs: list[subprocess.Popen]) -> dict:
+    """SIGINT/SIGTERM/SIGUSR2 sent to the launcher reach every rank once; they checkpoint and stop together.
+
+    Ranks run in their own session, so a terminal's Ctrl-C reaches them only through here (a second Ctrl-C
+    interrupts at once). Returns the previous handlers.
+    """
+    def forward(signum: int, frame: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    return {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
+
+
+def _die_with_parent() -> None:
+    """In each rank (before exec): get SIGTERM if the launcher dies, so no rank outlives it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_local_ranks(run: RunDir, nproc: int, python: Optional[Sequence[str]] = None) -> int:
+    """N ranks of one run as subprocesses on this machine; if one fails, the others are stopped too.
+
+    `python` is the argv that starts each rank's Python (a container command ending in the image's Python);
+    default: this interpreter.
+    """
     rendezvous_id = f"local-{uuid.uuid4().hex[:12]}"
-    command = [sys.executable, "-m", "stride.job", str(run.path)]
-    procs = [subprocess.Popen(command, env=_rank_env(rank, nproc, rendezvous_id)) for rank in range(nproc)]
+    command = [*(python or [sys.executable]), "-m", "stride.job", str(run.path)]
+    procs: list[subprocess.Popen] = []
+    previous = _forward_signals(procs)
+    procs += [subprocess.Popen(command, env=_rank_env(rank, nproc, rendezvous_id), start_new_session=True,
+                               preexec_fn=_die_with_parent) for rank in range(nproc)]
     try:
         while True:
             codes = [proc.poll() for proc in procs]
@@ -71,9 +102,10 @@ def run_local_ranks(run: RunDir, nproc: int) -> int:
             if all(code == 0 for code in codes):
                 return 0
             time.sleep(POLL_S)
-    except KeyboardInterrupt:
-        _stop_all(procs, signal.SIGINT)
-        raise
+    finally:
+        _stop_all(procs)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def preflight_slurm(config: dict, python: Optional[str] = None) -> dict:
@@ -93,8 +125,9 @@ def preflight_slurm(config: dict, python: Optional[str] = None) -> dict:
     return params
 
 
-def submit_run(config: dict, params: dict, python: Optional[str] = None) -> tuple[RunDir, str]:
-    """Allocate the run, submit it through submitit, record the job id; returns at once (never waits for the job).
+def submit_run(config: dict, params: dict, python: Optional[str] = None,
+               run: Optional[RunDir] = None) -> tuple[RunDir, str]:
+    """Submit a run through submitit (a new one, or `run` when resuming) and record the job id; returns at once.
 
     A SUBMITTING marker is written before sbatch and removed once the job id is recorded, so a crash mid-submit is
     visible instead of silently losing a job.
@@ -104,7 +137,7 @@ def submit_run(config: dict, params: dict, python: Optional[str] = None) -> tupl
     from stride.job import SlurmTrain
     from stride.provenance import create_run
 
-    run = create_run(config)
+    run = run or create_run(config)
     marker = run.path / "SUBMITTING"
     marker.write_text(now_iso() + "\n")
     try:

@@ -5,10 +5,13 @@ Configured by `setup_logging` when a run starts, never at import time, so import
 from __future__ import annotations
 
 import logging
+import platform
 import sys
 import time
 from pathlib import Path
 from typing import Optional, TextIO
+
+import stride
 
 LOGGER_NAME = "stride"
 FORMAT = "%(asctime)s %(hostname)s rank %(rank)d/%(local_rank)d %(levelname)s %(message)s"
@@ -45,6 +48,9 @@ def setup_logging(log_file: Optional[Path], hostname: str, rank: int, local_rank
         handler.addFilter(context)
         handler.setFormatter(formatter)
         logger.addHandler(handler)
+    # Which interpreter and which stride each rank runs: in a container run, every rank's log shows the image's.
+    logger.info("python %s %s, stride %s from %s", sys.executable, platform.python_version(), stride.__version__,
+                Path(stride.__file__).parent)
     return logger
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
@@ -18,6 +19,10 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Union
 from stride.errors import ConfigError, RunError
 
 MAX_ALLOCATION_TRIES = 10_000
+LOCK_TIMEOUT_S = 60.0
+# Run-folder locks this process holds, per thread, so that nested `locked()` blocks do not deadlock on flock.
+_HELD: dict[tuple[int, str], int] = {}
+_HELD_GUARD = threading.Lock()
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 
 
@@ -154,13 +159,42 @@ class RunDir:
             folder.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Serialise read-modify-write of status/metadata between the launcher and rank 0."""
-        with open(self.lock_file, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+    def locked(self, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Serialise read-modify-write of status/metadata between processes (launcher, ranks, CLI).
+
+        Re-entrant within a process (a held lock is simply held deeper), and bounded: a lock some other process holds
+        for longer than `timeout_s` is an error, not a hang.
+        """
+        key = (threading.get_ident(), str(self.lock_file.resolve()))
+        with _HELD_GUARD:
+            depth = _HELD.get(key, 0)
+            if depth:
+                _HELD[key] = depth + 1
+        if depth:
             try:
                 yield
             finally:
+                with _HELD_GUARD:
+                    _HELD[key] -= 1
+            return
+        with open(self.lock_file, "a") as handle:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise RunError(f"{self.lock_file} stayed locked for {timeout_s:.0f}s: another stride process "
+                                       f"is stuck updating this run; stop it and retry") from None
+                    time.sleep(0.01)
+            with _HELD_GUARD:
+                _HELD[key] = 1
+            try:
+                yield
+            finally:
+                with _HELD_GUARD:
+                    _HELD.pop(key, None)
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def read_config(self) -> dict:

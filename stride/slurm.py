@@ -200,3 +200,23 @@ def query_sacct(job_ids: Iterable[str], timeout_s: float = 15.0) -> dict[str, di
             out[parts[0]] = {"state": parts[1].split()[0], "nodes": parts[2], "elapsed": parts[3],
                              "exit_code": parts[4]}
     return out
+
+
+def time_left_s(job_id: str, timeout_s: float = 15.0) -> Optional[float]:
+    """Seconds until the job's time limit, from squeue; None when unknown or unlimited."""
+    from stride.requeue import parse_time_left
+
+    try:
+        result = run_command(["squeue", "-h", "-j", str(job_id), "-o", "%L"], timeout_s)
+    except ClusterError:
+        return None
+    return parse_time_left(result.stdout) if result.returncode == 0 else None
+
+
+def requeue(job_id: str, timeout_s: float = 30.0) -> Optional[str]:
+    """`scontrol requeue JOB`: the job goes back to pending with the same id; returns an error message or None."""
+    try:
+        result = run_command(["scontrol", "requeue", str(job_id)], timeout_s)
+    except ClusterError as exc:
+        return str(exc)
+    return None if result.returncode == 0 else (result.stderr or result.stdout).strip()

@@ -21,7 +21,10 @@ LOG_ENDINGS = (("DUE TO TIME LIMIT", "timeout"), ("DUE TO PREEMPTION", "preempte
 
 
 def job_id_of(run: RunDir) -> Optional[str]:
+    """The run's current SLURM job, or None when it last ran outside SLURM."""
     status = run.read_status()
+    if status.get("launcher") not in (None, "slurm"):
+        return None
     if status.get("job_id"):
         return str(status["job_id"])
     jobs = run.read_metadata().get("jobs") or []
@@ -74,9 +77,9 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
         q = queue[job_id]
         slurm_state = q["state"].lower()
         # A job that checkpointed and was requeued shows PENDING again: say so.
-        state = "requeued" if slurm_state == "pending" and state in ("stopped", "running") else slurm_state
+        state = "requeued" if slurm_state == "pending" and state in ("stopped", "running", "requeued") else slurm_state
         nodes = q["nodes"] or nodes
-    elif job_id and state in ("pending", "running", "stopped") and status.get("launcher") == "slurm":
+    elif job_id and state in ("pending", "running", "stopped", "requeued") and status.get("launcher") == "slurm":
         ended = accounting.get(job_id, {}).get("state", "").lower()
         if ended and ended not in ("pending", "running", "requeued"):
             state = ended

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +28,7 @@ from stride.datasets import DataSplits
 from stride.distenv import DistEnv
 from stride.errors import ConfigError, RunError
 from stride.logs import ProgressBar, get_logger, setup_logging
-from stride.rundir import RunDir, find_run, now_iso, validate_run_name, write_json
+from stride.rundir import RunDir, atomic_write, find_run, now_iso, validate_run_name, write_json
 from stride.provenance import create_run
 
 CHECKPOINT_FORMAT = 1
@@ -42,7 +43,8 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         super().set_epoch(epoch)
-        self.start_index = start_index
+        # A stop on the epoch's last (partial) batch resumes with nothing left of the epoch, not a negative length.
+        self.start_index = min(start_index, self.num_samples)
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
@@ -204,7 +206,9 @@ class Trainer:
         train = DataLoader(self.data.train, batch_size=opts["batch_size"], sampler=train_sampler,
                            drop_last=opts["drop_last"], generator=generator, **common)
         eval_batch = opts["eval_batch_size"] or 4 * opts["batch_size"]
-        val, test = (DataLoader(split, batch_size=eval_batch,
+        # Every loader gets its own generator: a loader without one draws its workers' seed from the global RNG
+        # when its iterator is first made, which a resumed run does at a different moment (dropout would drift).
+        val, test = (DataLoader(split, batch_size=eval_batch, generator=torch.Generator().manual_seed(seed),
                                 sampler=ShardSampler(len(split), self.env.rank, self.env.world_size), **common)
                      for split in (self.data.val, self.data.test))
         return train, val, test
@@ -286,10 +290,17 @@ class Trainer:
                             self.env.local_rank, console=self.env.is_main)
         tk = self.config["training_kwargs"]
         if tk["deterministic"]:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs a fixed workspace
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         loop = _Loop(self, run_dir, log)
-        return loop.run()
+        try:
+            results = loop.run()
+        except BaseException:
+            loop.close(quiet=True)
+            raise
+        loop.close()
+        return results
 
     @torch.no_grad()
     def evaluate(self, split: str = "test", loader: Optional[DataLoader] = None) -> dict:
@@ -297,7 +308,7 @@ class Trainer:
         if loader is None:
             dataset = {"train": self.data.train, "val": self.data.val, "test": self.data.test}[split]
             batch = self.config["load_data_kwargs"]["eval_batch_size"] or 4 * self.config["load_data_kwargs"]["batch_size"]
-            loader = DataLoader(dataset, batch_size=batch,
+            loader = DataLoader(dataset, batch_size=batch, generator=torch.Generator(),
                                 sampler=ShardSampler(len(dataset), self.env.rank, self.env.world_size))
         model = self.model
         was_training = model.training
@@ -378,6 +389,8 @@ class _Loop:
         if self.env.distributed:
             device_ids = [t.device.index] if t.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            if tk["deterministic"]:
+                model.register_comm_hook(None, _rank_ordered_mean_hook)
         if tk["compile"]:
             model = torch.compile(model)
         self.model = model
@@ -405,10 +418,16 @@ class _Loop:
 
     def _resume(self) -> tuple[int, int, int]:
         """Restore the newest good checkpoint; (epoch, step, batches done in that epoch)."""
+        if self.is_main:
+            self.checkpointer.remove_partial_writes()
         found = self.checkpointer.load_latest(self.t.device)
         if found is None:
             return 0, 0, 0
         state, path = found
+        if state["batches_done"] and state["world_size"] != self.env.world_size:
+            raise RunError(f"checkpoint {path.name} was taken mid-epoch by {state['world_size']} ranks; this job has "
+                           f"{self.env.world_size}: resume with {state['world_size']} ranks (stride resume keeps the "
+                           f"run's own size unless told otherwise)")
         if state.get("config_model") != json.dumps(self.t.config["model_kwargs"], sort_keys=True):
             raise RunError(f"checkpoint {path} was written for model_kwargs {state.get('config_model')}, not "
                            f"{json.dumps(self.t.config['model_kwargs'], sort_keys=True)}: resume with the run's own "
@@ -428,11 +447,33 @@ class _Loop:
                              len(rngs), self.env.world_size)
             _set_rng_state(rngs[0])
         self.best = state.get("best")
+        if self.is_main:
+            self._forget_metrics_after(state["step"])
         self.log.info("resumed from %s (epoch %d, step %d, %d batches into the epoch)", path.name, state["epoch"],
                       state["step"], state["batches_done"])
         return state["epoch"], state["step"], state["batches_done"]
 
     # ----------------------------------------------------------------------------------------------------- metrics
+    def _forget_metrics_after(self, step: int) -> None:
+        """Metrics logged after the checkpoint we resume from are about to be redone: drop them (and old test lines)
+        so metrics.jsonl stays one continuous story."""
+        path = self.run_dir.metrics_file
+        if not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                dropped += 1
+                continue
+            if record.get("step", 0) > step or record.get("split") == "test":
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            atomic_write(path, lambda handle: handle.write("".join(f"{line}\n" for line in kept)))
+
     def _write_metrics(self, record: dict) -> None:
         if self.is_main:
             with open(self.run_dir.metrics_file, "a") as handle:
@@ -462,7 +503,9 @@ class _Loop:
             self.run_dir.update_status(state="running", started_at=self.run_dir.read_status().get("started_at")
                                        or now_iso(), host=self.env.hostname, world_size=self.env.world_size,
                                        epoch=start_epoch, step=step, total_steps=self.total_steps,
-                                       job_id=self.env.job_id, error=None)
+                                       launcher=self.env.launcher, job_id=self.env.job_id, pid=os.getpid(),
+                                       ended_at=None, error=None, error_tail=None, failed_rank=None,
+                                       failed_host=None, stop_reason=None)
         log.info("run %s: %d parameters, %d train / %d val / %d test samples, %d ranks on %s, %d steps per epoch",
                  self.run_dir.path, sum(p.numel() for p in self.raw_model.parameters()), len(t.data.train),
                  len(t.data.val), len(t.data.test), self.env.world_size, t.device, self.steps_per_epoch)
@@ -545,6 +588,21 @@ class _Loop:
         self.checkpointer.wait()
         return self._finish(step, train_start)
 
+    def close(self, quiet: bool = False) -> None:
+        """Finish any checkpoint write and stop DataLoader workers now, not at interpreter exit.
+
+        `quiet` while another error is on its way out: a failed background write must not hide it.
+        """
+        try:
+            self.checkpointer.wait()
+        except Exception:
+            if not quiet:
+                raise
+        for loader in (getattr(self, name, None) for name in ("train_loader", "val_loader", "test_loader")):
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+
     def _log_train(self, loss_sum: torch.Tensor, count: int, epoch: int, step: int, train_start: float,
                    write: bool = True) -> float:
         """The one place the training loss leaves the device: every `log_every_steps` steps."""
@@ -601,8 +659,37 @@ class _Loop:
         return results
 
 
+def _rank_ordered_mean_hook(process_group, bucket):  # DDP checks these parameters' annotations: leave them bare
+    """DDP gradient averaging that sums the ranks' gradients in rank order, whatever the bucket layout.
+
+    A ring all-reduce adds an element's contributions in an order that depends on where the element sits in its
+    bucket, and DDP lays buckets out again after the first step, so a resumed run (whose first step uses the initial
+    layout) would drift from an uninterrupted one by rounding. Gathering and adding in rank order makes deterministic
+    runs bitwise reproducible across resumes, at world_size times the traffic.
+    """
+    tensor = bucket.buffer()
+    group = process_group if process_group is not None else dist.group.WORLD
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    future = dist.all_gather(parts, tensor, group=group, async_op=True).get_future()
+
+    def add_in_rank_order(_: torch.futures.Future) -> torch.Tensor:
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total += part
+        return total.div_(len(parts))
+
+    return future.then(add_in_rank_order)
+
+
 def _seed_worker(worker_id: int) -> None:
-    """DataLoader workers draw their seeds from torch's per-worker seed, so numpy/random agree with it."""
+    """DataLoader workers draw their seeds from torch's per-worker seed, so numpy/random agree with it.
+
+    They also ignore the stop signals: SLURM signals every process of a job step (USR2 before the time limit, TERM
+    on scancel), and a worker killed by it would crash the rank that is busy writing its checkpoint. The rank
+    decides when to stop and shuts its workers down itself.
+    """
+    for signum in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_IGN)
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     try:

@@ -15,13 +15,24 @@ CLI_TIMEOUT_S = 600
 
 def run_stride(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT_S, env: dict | None = None,
                check: bool = False) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ, **(env or {}))
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "stride", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+                          timeout=timeout, env=cli_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"stride {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def cli_env(env: dict | None = None) -> dict:
+    full_env = dict(os.environ, **(env or {}))
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    return full_env
+
+
+def start_stride(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """The CLI in the background (for tests that signal it); output goes to cwd/stride.out."""
+    out = open(Path(cwd) / "stride.out", "ab")
+    return subprocess.Popen([sys.executable, "-m", "stride", *args], cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                            env=cli_env(env))
 
 
 def read_json(path: Path):

@@ -111,6 +111,10 @@ def test_one_failing_rank_ends_the_job_fast_and_is_named(tmp_path, stride):
     status = run_status(run)
     assert status["state"] == "failed" and status["failed_rank"] == 2, status
     assert status["failed_host"] in ("node1", "node2")
+    # Retried once in a fresh allocation, then not again for the same error.
+    requeues = read_json(run / "metadata.json")["requeues"]
+    assert [(r["reason"], r["requeue"], r["rank"]) for r in requeues] == [("crashed", True, 2), ("crashed", False, 2)]
+    assert "same error as the previous attempt" in requeues[1]["why"]
     detail = stride("status", str(run)).stdout
     assert "state:    failed" in detail
     assert f"failed:   rank 2 on {status['failed_host']}: ValueError: rank two broke on purpose" in detail

@@ -1,0 +1,173 @@
+"""The baseline: a plain, well-written PyTorch training loop, with no stride in it but the data and model builders.
+
+It does what a careful researcher writes by hand, and what stride's Trainer does for the same settings: AdamW with a
+per-step cosine schedule, a seeded shuffle per epoch, autocast behind a switch (the torch AMP recipe), the training
+loss summed on the device and read every `log_every_steps`, validation every epoch, the best weights kept with
+`torch.save`, a final test with them. Seeds are drawn in the same order as stride's, so both sides compute the same
+numbers: the bench checks that their final losses agree.
+
+    python -m bench.raw --workload cnn          # train one workload and print its results as JSON
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from bench.workloads import Workload, get
+from stride.datasets import builtin as datasets
+from stride.models import builtin as models
+
+DATASETS: dict[str, Callable[..., Any]] = {"digits": datasets.digits,
+                                           "synthetic_regression": datasets.synthetic_regression}
+MODELS: dict[str, Callable[..., nn.Module]] = {"CNN": models.CNN, "MLP": models.MLP, "ResNet": models.ResNet}
+
+
+def _dataset_builder(name: str) -> Callable[..., Any]:
+    if ":" in name:  # module:function, as stride resolves it
+        module, _, attr = name.partition(":")
+        return getattr(importlib.import_module(module), attr)
+    return DATASETS[name]
+
+
+def build(workload: Workload, device: torch.device):
+    """(data splits, model on `device`): the same builders and the same seed stride uses."""
+    kwargs = dict(workload.dataset_kwargs)
+    splits = _dataset_builder(kwargs.pop("dataset_name"))(**kwargs)
+    kwargs = dict(workload.model_kwargs)
+    torch.manual_seed(workload.seed)
+    model = MODELS[kwargs.pop("model_name")](splits.input_shape, splits.num_outputs, **kwargs)
+    return splits, model.to(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, classification: bool,
+             autocast: Callable[[], Any]) -> dict:
+    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: no per-batch sync
+    for inputs, targets in loader:
+        inputs = inputs.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            outputs = model(inputs)
+        outputs = outputs.float()
+        if classification:
+            totals[0] += nn.functional.cross_entropy(outputs, targets, reduction="sum")
+            totals[1] += (outputs.argmax(dim=1) == targets).sum()
+        else:
+            totals[0] += nn.functional.mse_loss(outputs, targets.float(), reduction="sum") / targets[0].numel()
+        totals[2] += targets.shape[0]
+    model.train()
+    loss_sum, correct, count = totals.tolist()
+    metrics = {"loss": loss_sum / count}
+    if classification:
+        metrics["accuracy"] = correct / count
+    return metrics
+
+
+def train(workload: Workload, splits, model: nn.Module, device: torch.device, out_dir: Path,
+          precision: str = "fp32", compile: bool = False, log=None) -> dict:
+    """Train `model` for the workload's epochs; returns final metrics and the number of optimizer steps."""
+    classification = splits.task == "classification"
+    on_cuda = device.type == "cuda"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, weight_decay=workload.weight_decay)
+    steps_per_epoch = math.ceil(len(splits.train) / workload.batch_size)
+    total_steps = steps_per_epoch * workload.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(1.0, s / max(1, total_steps)))))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    step_model = torch.compile(model) if compile else model
+    loss_fn = nn.CrossEntropyLoss() if classification else nn.MSELoss()
+    loader_rng = torch.Generator().manual_seed(workload.seed)
+    torch.manual_seed(workload.seed)  # dropout stream
+    best_metric, best_value = ("accuracy", -math.inf) if classification else ("loss", -math.inf)
+    best_path = out_dir / "best.pt"
+    loss_sum = torch.zeros((), device=device)
+    loss_count = 0
+    step = 0
+    model.train()
+    for epoch in range(workload.epochs):
+        # A fresh permutation per epoch from (seed + epoch): reproducible, and independent of how far we got.
+        order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(workload.seed + epoch))
+        loader = DataLoader(splits.train, batch_size=workload.batch_size, sampler=order.tolist(),
+                            generator=loader_rng, pin_memory=on_cuda)
+        for inputs, targets in loader:
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast():
+                outputs = step_model(inputs)
+                loss = loss_fn(outputs.float(), targets if classification else targets.float())
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            loss_sum += loss.detach()
+            loss_count += 1
+            step += 1
+            if step % workload.log_every_steps == 0:
+                if log is not None:
+                    log(f"epoch {epoch + 1} step {step}/{total_steps} train_loss {loss_sum.item() / loss_count:.4f}")
+                loss_sum.zero_()
+                loss_count = 0
+            if workload.checkpoint_every_steps and step % workload.checkpoint_every_steps == 0:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(), "step": step}, out_dir / "checkpoint.pt")
+        val = evaluate(model, splits.val, workload.eval_batch, device, classification, autocast)
+        value = val[best_metric] if classification else -val["loss"]
+        if value > best_value:
+            best_value = value
+            torch.save(model.state_dict(), best_path)
+        if log is not None:
+            log(f"epoch {epoch + 1}/{workload.epochs} " + " ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
+    torch.save(model.state_dict(), out_dir / "final.pt")
+    model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    test = evaluate(model, splits.test, workload.eval_batch, device, classification, autocast)
+    val = evaluate(model, splits.val, workload.eval_batch, device, classification, autocast)
+    return {"steps": step, **{f"test_{k}": v for k, v in test.items()}, **{f"val_{k}": v for k, v in val.items()}}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.raw", description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", default="cnn")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument("--dataset", default=None, help="another dataset builder, e.g. bench.probe:digits")
+    args = parser.parse_args(argv)
+    workload = get(args.workload, args.quick)
+    if args.dataset:
+        workload = workload.scaled(dataset_kwargs={**workload.dataset_kwargs, "dataset_name": args.dataset})
+    device = torch.device(args.device)
+    splits, model = build(workload, device)
+    out_dir = args.out_dir or Path(tempfile.mkdtemp(prefix="bench-raw-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    results = train(workload, splits, model, device, out_dir, args.precision, args.compile,
+                    log=lambda line: print(line, file=sys.stderr))
+    results["train_time_s"] = round(time.perf_counter() - start, 3)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

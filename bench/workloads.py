@@ -1,0 +1,119 @@
+"""The benchmark workloads: one description that both sides read, so stride's Trainer and the raw loop train the same
+model on the same data with the same optimizer, schedule, batch size, seeds and step count.
+
+Data and model come from the same builder functions on both sides (stride's built-ins are plain `Dataset`s and
+`nn.Module`s), so the tensors and the initial weights are identical, not merely alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    summary: str
+    dataset_kwargs: dict
+    """stride's dataset_kwargs: a built-in dataset_name plus its arguments."""
+    model_kwargs: dict
+    """stride's model_kwargs: a built-in model_name plus its arguments."""
+    batch_size: int = 64
+    eval_batch_size: Optional[int] = None
+    """None means 4 x batch_size, as in stride."""
+    epochs: int = 20
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    log_every_steps: int = 50
+    """Both sides read the on-device mean training loss this often (and never in between)."""
+    checkpoint_every_steps: int = 0
+    """Both sides save model + optimizer every N steps (raw: a plain synchronous torch.save)."""
+    extra_training_kwargs: dict = field(default_factory=dict)
+    """stride-only settings that a plain loop has no counterpart for (none change the arithmetic)."""
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or 4 * self.batch_size
+
+    def scaled(self, **changes: Any) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+    def stride_kwargs(self, work_dir: str, device: str = "cpu", precision: str = "fp32",
+                      compile: bool = False) -> dict:
+        """Keyword arguments for `stride.Trainer` that spell out every setting the raw loop hard-codes."""
+        training = {"epochs": self.epochs, "optimizer": "adamw", "lr": self.lr, "weight_decay": self.weight_decay,
+                    "scheduler": "cosine", "warmup_steps": 0, "grad_clip_norm": None, "grad_accum_steps": 1,
+                    "precision": precision, "compile": compile, "seed": self.seed, "deterministic": False,
+                    "log_every_steps": self.log_every_steps, "checkpoint_every_steps": self.checkpoint_every_steps,
+                    **self.extra_training_kwargs}
+        return {"work_dir": work_dir, "device": device, "dataset_kwargs": dict(self.dataset_kwargs),
+                "model_kwargs": dict(self.model_kwargs),
+                "load_data_kwargs": {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                                     "num_workers": 0, "shuffle": True, "drop_last": False},
+                "training_kwargs": training}
+
+    def stride_overrides(self) -> list[str]:
+        """The same settings as `key=value` words for `stride local` (only what differs from stride's defaults)."""
+        words = [f"dataset_kwargs.{k}={_word(v)}" for k, v in self.dataset_kwargs.items()]
+        words += [f"model_kwargs.{k}={_word(v)}" for k, v in self.model_kwargs.items()]
+        words += [f"load_data_kwargs.batch_size={self.batch_size}", f"training_kwargs.epochs={self.epochs}",
+                  f"training_kwargs.lr={self.lr}", f"training_kwargs.seed={self.seed}"]
+        return words
+
+
+def _word(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+# Overhead-sensitive: a small MLP on in-memory tensors, ~0.3 ms of arithmetic per step, thousands of steps. Any
+# per-step bookkeeping (host syncs, Python glue, logging) shows up here first.
+MLP = Workload(
+    name="mlp",
+    summary="MLP 16-64-64-1 on 64k in-memory samples (regression), batch 64, 7 epochs",
+    dataset_kwargs={"dataset_name": "synthetic_regression", "num_samples": 65536, "num_features": 16},
+    model_kwargs={"model_name": "MLP", "hidden": [64, 64]},
+    epochs=7,
+)
+
+# stride's built-in default, unchanged: the small CNN on the shipped 8x8 digits, 20 epochs of batch 64.
+CNN = Workload(
+    name="cnn",
+    summary="stride's default: CNN (32, 64 channels) on the 8x8 digits, batch 64, 20 epochs",
+    dataset_kwargs={"dataset_name": "digits"},
+    model_kwargs={"model_name": "CNN"},
+)
+
+# Checkpoint cost: a model whose state (weights + AdamW moments, ~250 MB) takes a disk a noticeable time to write.
+CHECKPOINT = Workload(
+    name="ckpt",
+    summary="MLP 1024-4096-4096-1 (21M parameters; 250 MB of weights + AdamW state), batch 64, "
+            "a checkpoint every 12 steps",
+    dataset_kwargs={"dataset_name": "synthetic_regression", "num_samples": 4608, "num_features": 1024},
+    model_kwargs={"model_name": "MLP", "hidden": [4096, 4096]},
+    epochs=1,
+    checkpoint_every_steps=12,
+    log_every_steps=12,
+    extra_training_kwargs={"checkpoint_every_minutes": 0, "keep_last_checkpoints": 2},
+)
+
+WORKLOADS = {w.name: w for w in (MLP, CNN, CHECKPOINT)}
+
+# --quick: the same workloads, a few seconds each (a smoke run of the bench itself, not a measurement).
+QUICK = {
+    "mlp": MLP.scaled(dataset_kwargs={**MLP.dataset_kwargs, "num_samples": 8192}, epochs=2),
+    "cnn": CNN.scaled(epochs=2),
+    "ckpt": CHECKPOINT.scaled(dataset_kwargs={**CHECKPOINT.dataset_kwargs, "num_samples": 1024},
+                              model_kwargs={"model_name": "MLP", "hidden": [1024, 1024]}, checkpoint_every_steps=4,
+                              log_every_steps=4),
+}
+
+
+def get(name: str, quick: bool = False) -> Workload:
+    table = QUICK if quick else WORKLOADS
+    if name not in table:
+        raise SystemExit(f"bench: unknown workload {name!r}; choose from {', '.join(table)}")
+    return table[name]

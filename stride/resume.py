@@ -1,0 +1,101 @@
+"""`stride resume`: check that a run can continue, apply the few amendments allowed, and record them.
+
+A resumed run is the same run: its config may change only where that cannot change what is being trained (more
+epochs, checkpoint cadence, data-loading workers, timeouts, SLURM resources). Standard library only: the checks run
+before any launcher imports torch.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Mapping, Optional, Sequence
+
+from stride import config as config_lib
+from stride.checkpoint_files import complete_checkpoints
+from stride.errors import RunError
+from stride.rundir import RunDir, now_iso
+
+AMENDABLE_PREFIXES = (
+    "training_kwargs.epochs", "training_kwargs.log_every_steps", "training_kwargs.checkpoint_every_steps",
+    "training_kwargs.checkpoint_every_minutes", "training_kwargs.keep_last_checkpoints",
+    "training_kwargs.async_checkpoint", "load_data_kwargs.num_workers", "load_data_kwargs.pin_memory",
+    "load_data_kwargs.persistent_workers", "load_data_kwargs.eval_batch_size", "distributed_kwargs.", "slurm.",
+    "device",
+)
+LIVE_STATES = {"pending", "running", "requeued", "configuring", "completing", "suspended", "resizing"}
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and key not in config_lib.FREE_FORM and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def changed_keys(before: Mapping, after: Mapping) -> dict[str, list]:
+    """{dotted key: [old, new]} for every leaf that differs."""
+    old, new = _flatten(before), _flatten(after)
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def amend_config(run: RunDir, overrides: Sequence[str], flags: Optional[Mapping] = None) -> tuple[dict, dict]:
+    """The run's config with `key=value` overrides and CLI flags applied; (config, changes). Refuses other keys."""
+    original = run.read_config()
+    amended = config_lib.resolve(overrides=overrides, base=original, final=flags or {}, experiment_config=False)
+    changes = changed_keys(original, amended)
+    refused = [k for k in changes if not k.startswith(AMENDABLE_PREFIXES)]
+    if refused:
+        raise RunError(f"cannot change {', '.join(refused)} when resuming {run.path}: it would no longer be the same "
+                       f"run; start a new run with `stride local {run.config_file} run=null {refused[0]}=...`")
+    return amended, changes
+
+
+def _process_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Mapping) -> Optional[str]:
+    """Raise when the run cannot be resumed; return a message when there is nothing to do (a completed run)."""
+    status = run.read_status()
+    if live_state in LIVE_STATES and status.get("launcher") == "slurm":
+        raise RunError(f"run {run.path} still has SLURM job {status.get('job_id')} ({live_state}): wait for it, or "
+                       f"`stride cancel {run.path}` first")
+    if (live_state == "running" and status.get("host") == socket.gethostname()
+            and _process_alive(status.get("pid"))):
+        raise RunError(f"run {run.path} is running right now (pid {status.get('pid')} on this machine): stop it first")
+    epochs, was = config["training_kwargs"]["epochs"], original["training_kwargs"]["epochs"]
+    if status.get("state") == "completed" and epochs <= was:
+        return (f"run {run.path} is already completed ({was} epochs): nothing to do. To train longer: "
+                f"stride resume {run.path} training_kwargs.epochs={was * 2}")
+    if not complete_checkpoints(run.checkpoints_dir):
+        raise RunError(f"run {run.path} has no complete checkpoint to resume from (it stopped before its first "
+                       f"checkpoint, or every checkpoint file is truncated): train it again with "
+                       f"`stride local {run.config_file} run=null`")
+    return None
+
+
+def record_resume(run: RunDir, config: dict, changes: dict, launcher: str, command: Sequence[str]) -> None:
+    """Write the amended config, note the amendment and the resume in metadata, and mark the run pending."""
+    if changes:
+        run.write_config(config)
+    stamp = now_iso()
+    checkpoint = (complete_checkpoints(run.checkpoints_dir) or [None])[0]
+
+    def note(metadata: dict) -> None:
+        if changes:
+            metadata.setdefault("amendments", []).append({"time": stamp, "changes": changes})
+        metadata.setdefault("resumes", []).append({"time": stamp, "launcher": launcher, "command": list(command),
+                                                   "checkpoint": checkpoint.name if checkpoint else None})
+
+    run.update_metadata(note)
+    run.update_status(state="pending", ended_at=None, resumed_at=stamp, results=None)

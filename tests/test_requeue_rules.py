@@ -1,0 +1,52 @@
+"""The requeue rules on their own: which stops go back in the queue, and the bounds that stop a loop."""
+from __future__ import annotations
+
+import pytest
+
+from stride.requeue import classify_signal, decide, parse_time_left
+
+
+@pytest.mark.parametrize("text, seconds", [("1-02:03:04", 93784.0), ("2:03:04", 7384.0), ("03:04", 184.0),
+                                           ("0:00", 0.0), ("UNLIMITED", None), ("INVALID", None), ("", None)])
+def test_time_left_parses_squeue_formats(text, seconds):
+    assert parse_time_left(text) == seconds
+
+
+def test_usr2_near_the_limit_is_a_timeout_and_earlier_a_preemption():
+    assert classify_signal("SIGUSR2", 85.0, signal_delay_s=90) == "timeout"
+    assert classify_signal("SIGUSR2", 140.0, signal_delay_s=90) == "timeout"
+    assert classify_signal("SIGUSR2", 600.0, signal_delay_s=90) == "preempted"
+    assert classify_signal("SIGUSR2", None, signal_delay_s=90) == "preempted"
+    assert classify_signal("SIGTERM", 10.0, signal_delay_s=90) == "terminated"
+
+
+def test_preemptions_always_requeue_and_do_not_count_against_timeouts():
+    history = [{"reason": "preempted", "requeue": True}] * 5
+    assert decide("preempted", history, 1, 1).requeue
+    assert decide("timeout", history, max_timeout_requeues=1, max_crash_requeues=1).requeue
+
+
+def test_timeouts_requeue_a_bounded_number_of_times():
+    history: list[dict] = []
+    for _ in range(3):
+        decision = decide("timeout", history, max_timeout_requeues=3, max_crash_requeues=0)
+        assert decision.requeue
+        history.append(decision.record())
+    final = decide("timeout", history, max_timeout_requeues=3, max_crash_requeues=0)
+    assert not final.requeue and "max_timeout_requeues=3" in final.why
+
+
+def test_a_crash_is_retried_but_never_twice_for_the_same_error():
+    first = decide("crashed", [], 1, max_crash_requeues=5, error="RuntimeError: NCCL timeout")
+    assert first.requeue
+    history = [first.record(error="RuntimeError: NCCL timeout")]
+    again = decide("crashed", history, 1, max_crash_requeues=5, error="RuntimeError: NCCL timeout")
+    assert not again.requeue and "same error" in again.why
+    other = decide("crashed", history, 1, max_crash_requeues=5, error="OSError: disk full")
+    assert other.requeue
+    assert not decide("crashed", [], 1, max_crash_requeues=0, error="x").requeue
+
+
+def test_sigterm_is_checkpointed_but_left_to_slurm():
+    decision = decide("terminated", [], 3, 1)
+    assert not decision.requeue and "SIGTERM" in decision.why
