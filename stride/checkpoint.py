@@ -10,10 +10,11 @@ import collections
 import contextlib
 import dataclasses
 import math
+import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -145,6 +146,59 @@ def save_file(state: Any, path: Path) -> None:
 def load_file(path: Path, map_location: Any = "cpu") -> Any:
     """Load tensors and plain containers only (`weights_only=True`): a checkpoint never runs code."""
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class BackgroundWriter:
+    """Runs file writes in order on one thread, so the training thread never waits for an fsync (a status update, the
+    best weights). Hand it copies (`snapshot`), never live tensors. `wait()` drains the queue and re-raises the first
+    error on the caller's thread; after an error the remaining writes are skipped. `close()` ends the thread.
+    """
+
+    def __init__(self, name: str = "stride-writer"):
+        self.name = name
+        self._queue: "queue.Queue[Optional[tuple]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, write: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._raise()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+            self._thread.start()
+        self._queue.put((write, args, kwargs))
+
+    def wait(self) -> None:
+        """Block until every submitted write is done; re-raise the first error here."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Finish the queued writes and end the thread (re-raises a write's error)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                write, args, kwargs = item
+                if self._error is None:
+                    write(*args, **kwargs)
+            except BaseException as exc:  # surfaced by submit(), wait() or close()
+                self._error = exc
+            finally:
+                self._queue.task_done()
 
 
 class Checkpointer:

@@ -82,6 +82,9 @@ class StrideCLI:
       stride local work_dir=experiments/digits
       stride local work_dir=exp model_kwargs.model_name=ResNet training_kwargs.lr=1e-3 --nproc 2
       stride config work_dir=exp my_settings.yaml training_kwargs.epochs=5
+    Then follow and compare runs:
+      stride status exp;  stride diff exp/0 exp/1;  stride plot exp
+    `stride COMMAND --help` explains each command.
     """
 
     def local(self, *args: Any, nproc: int = 1, gpus: int = 0, container: Optional[str] = None) -> str:
@@ -96,9 +99,12 @@ class StrideCLI:
         from stride.provenance import create_run
         from stride.trainer import check_plugins
 
-        config = _resolve(args, final=_container_flag(container))
-        config_lib.require_work_dir(config)
         world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc)
+        sweep, configs = _resolve_sweep(args, final=_container_flag(container))
+        if sweep.axes:
+            return _local_sweep(sweep, configs, world, gpus)
+        config = configs[0]
+        config_lib.require_work_dir(config)
         if gpus:
             config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
         plan = _container_plan(config, gpus_requested=world if gpus else 0, for_submit=False)
@@ -114,8 +120,11 @@ class StrideCLI:
                time: Any = None, partition: Optional[str] = None, account: Optional[str] = None,
                qos: Optional[str] = None, constraint: Optional[str] = None, exclusive: bool = False,
                sbatch: Any = None, setup: Any = None, profile: Optional[str] = None, dry_run: bool = False,
-               container: Optional[str] = None) -> str:
+               container: Optional[str] = None, max_parallel: Optional[int] = None) -> str:
         """Submit a new run to SLURM through submitit and return at once with the run folder and job id.
+
+        A sweep (`training_kwargs.lr=1e-3,3e-4 training_kwargs.seed=range(0,3)`) is submitted as ONE job array,
+        one run folder per point.
 
         Args:
           args: key.sub=value overrides and YAML config files (work_dir=... is required).
@@ -135,12 +144,16 @@ class StrideCLI:
           profile: a cluster profile: NAME.yaml in slurm/profiles or ~/.config/stride/profiles.
           dry_run: print the sbatch script and the resolved config; submit and write nothing.
           container: run every rank inside this image (a .sif file, an image folder or an image name).
+          max_parallel: for a sweep: at most this many of its runs at once (the job array's %N throttle).
         """
         from stride import slurm
 
         flags = _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition, account, qos,
                              constraint, exclusive, sbatch, setup)
-        config = _resolve(args, profile=profile, final={**flags, **_container_flag(container)})
+        sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)})
+        if sweep.axes:
+            return _submit_sweep(sweep, configs, dry_run, max_parallel)
+        config = configs[0]
         work_dir = config_lib.require_work_dir(config)
         warning = slurm.visibility_warning(work_dir)
         if dry_run:
@@ -234,12 +247,13 @@ class StrideCLI:
         run_dir, job_id = launch.submit_run(config, params, run=run_dir)
         return f"submitted job {job_id}\nresuming run folder: {run_dir.path}"
 
-    def status(self, target: str = ".", work_dir: Optional[str] = None) -> str:
-        """Show runs: state, SLURM job, nodes, progress, latest metrics, elapsed time.
+    def status(self, target: str = ".", work_dir: Optional[str] = None, sort: Optional[str] = None) -> str:
+        """Show runs: state, SLURM job, nodes, progress, latest metrics, elapsed time; sweeps grouped.
 
         Args:
           target: a work_dir (lists its runs) or a run folder (shows it in detail, with any failure).
           work_dir: with target as a run name: the work_dir holding it.
+          sort: order runs by this metric, best first (e.g. test_accuracy, val_loss).
         """
         from stride import status as status_lib
         from stride.rundir import RunDir, find_run, list_runs
@@ -251,7 +265,11 @@ class StrideCLI:
         runs = list_runs(path)
         if not runs:
             return f"no runs in {path.absolute()}"
-        return status_lib.format_table(status_lib.describe_runs(runs))
+        rows = status_lib.describe_runs(runs)
+        if sort and not any(sort in row["metrics"] for row in rows):
+            known = sorted({k for row in rows for k in row["metrics"]})
+            raise StrideError(f"no run has the metric '{sort}' to sort by; metrics: {', '.join(known) or '(none yet)'}")
+        return status_lib.format_table(rows, sort=sort)
 
     def logs(self, run: str, rank: int = 0, follow: bool = False, slurm: Optional[str] = None,
              work_dir: Optional[str] = None) -> None:
@@ -280,7 +298,12 @@ class StrideCLI:
             sys.stdout.write(path.read_text(errors="replace"))
 
     def cancel(self, run: str, work_dir: Optional[str] = None) -> str:
-        """Cancel a run's SLURM job (scancel) and mark the run cancelled."""
+        """Cancel a run's SLURM job (scancel) and mark the run cancelled.
+
+        Args:
+          run: a run folder (or a run name with --work-dir).
+          work_dir: the work_dir holding `run`, when run is a name.
+        """
         from stride import status as status_lib
         from stride.proc import run_command
         from stride.rundir import find_run, now_iso
@@ -303,6 +326,50 @@ class StrideCLI:
           profile: a cluster profile to layer under them, as `stride submit --profile` would.
         """
         return config_lib.to_yaml(_resolve(args, profile=profile)).rstrip()
+
+    def diff(self, run_a: str, run_b: str, work_dir: Optional[str] = None) -> str:
+        """Show the config settings that differ between two runs, one `key: A -> B` line each.
+
+        Keys are dotted (training_kwargs.lr); a key that only one run has shows (absent) on the other side. The
+        run name and work_dir say where a run lives, not how it trains, and are left out.
+
+        Args:
+          run_a: a run folder (or a run name with --work-dir).
+          run_b: the run to compare it with, given the same way.
+          work_dir: the work_dir holding both runs, when they are given by name.
+        """
+        from stride import compare
+        from stride.rundir import find_run
+
+        a, b = find_run(str(run_a), work_dir), find_run(str(run_b), work_dir)
+        return compare.format_diff(compare.diff_configs(a.read_config(), b.read_config()), str(a.path), str(b.path))
+
+    def plot(self, work_dir: str, *runs: Any, metric: Any = None, out: Optional[str] = None) -> str:
+        """Draw the runs' training and validation curves (x = step) into a PNG and print its path.
+
+        One panel per metric, one line per run, labelled by the config settings that differ between the plotted
+        runs (e.g. lr=0.001 seed=1). Needs matplotlib: pip install 'stride[plot]'.
+
+        Args:
+          work_dir: the experiment folder whose runs to plot (or one run folder).
+          runs: run names inside work_dir (default: every run).
+          metric: metric(s) to plot, comma-separated, e.g. val_loss or train_loss,val_loss (default: train_loss and val_accuracy or val_loss).
+          out: the file to write: .png, .svg or .pdf (default: WORK_DIR/plots/<metrics>.png).
+        """
+        from stride import plot as plot_lib
+        from stride.rundir import RunDir, find_run, list_runs
+
+        folder = Path(str(work_dir))
+        if RunDir(folder).exists() and not runs:
+            selected = [RunDir(folder)]
+        else:
+            selected = [find_run(str(run), folder) for run in runs] if runs else list_runs(folder)
+        if not selected:
+            raise StrideError(f"no runs in {folder.absolute()}: train one first, e.g. `stride local "
+                              f"work_dir={work_dir}`")
+        panels = plot_lib.build_panels(selected, plot_lib.parse_metrics(metric))
+        target = Path(out) if out else plot_lib.default_output(folder, list(panels))
+        return str(plot_lib.render(panels, target, title=str(folder)).absolute())
 
 
 def _positive(flag: str, value: Any) -> int:
@@ -340,6 +407,125 @@ def _train_here(run: Any, world: int, python: Optional[Sequence[str]] = None) ->
               f"stride resume {run.path} --local")
         raise SystemExit(STOP_EXIT_CODES.get(results["reason"], 1))
     return _summary(run, results)
+
+
+def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None, final: Optional[dict] = None
+                   ) -> tuple[Any, list[dict]]:
+    """(sweep, one resolved config per point); a plain command line is a sweep of one point with no axes.
+
+    Every point is resolved and validated here, before anything is written.
+    """
+    from stride import sweep as sweep_lib
+
+    files, overrides = config_lib.split_cli_args(args)
+    sweep = sweep_lib.parse(overrides)
+    configs = [config_lib.resolve(overrides=sweep.overrides(point), files=files, profile=profile, final=final)
+               for point in sweep.points()]
+    if sweep.axes:
+        config_lib.require_work_dir(configs[0])
+        from stride.trainer import check_plugins
+
+        for config in configs:
+            check_plugins(config)
+    return sweep, configs
+
+
+def _create_sweep_runs(sweep: Any, configs: list[dict]) -> list[Any]:
+    """One run folder per point, each with its own complete config and the sweep it belongs to in metadata.json."""
+    from stride.provenance import create_run
+    from stride.sweep import new_sweep_id
+
+    sweep_id = new_sweep_id()
+    runs = []
+    for index, (point, config) in enumerate(zip(sweep.points(), configs)):
+        run = create_run(config)
+        info = {"id": sweep_id, "index": index, "size": sweep.size, "keys": sweep.keys,
+                "values": {key: _leaf(config, key) for key in point}}
+        run.update_metadata(lambda m, info=info: m.update(sweep=info))
+        runs.append(run)
+    return runs
+
+
+def _leaf(config: dict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _describe_points(sweep: Any, configs: list[dict]) -> str:
+    header = ["#", *sweep.keys]
+    rows = [[str(i), *(str(_leaf(c, k)) for k in sweep.keys)] for i, c in enumerate(configs)]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def _local_sweep(sweep: Any, configs: list[dict], world: int, gpus: int) -> str:
+    """The points one after another on this machine; a failed point does not stop the others."""
+    runs = _create_sweep_runs(sweep, configs)
+    print(f"stride: sweep of {sweep.size} runs in {runs[0].path.parent}:\n{_describe_points(sweep, configs)}",
+          file=sys.stderr)
+    failed = []
+    for run, config in zip(runs, configs):
+        if gpus:
+            config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
+            run.write_config(config)
+        print(f"stride: run folder {run.path}", file=sys.stderr)
+        try:
+            _train_here(run, world)
+        except SystemExit as exc:
+            if exc.code in STOP_EXIT_CODES.values():
+                raise
+            failed.append(run.name)
+        except StrideError as exc:
+            print(f"stride: error: run {run.path}: {exc}", file=sys.stderr)
+            failed.append(run.name)
+    from stride import status as status_lib
+
+    table = status_lib.format_table(status_lib.describe_runs(runs))
+    if failed:
+        print(table)
+        raise SystemExit(f"stride: {len(failed)} of {sweep.size} sweep runs failed: {', '.join(failed)}")
+    return table
+
+
+def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: Optional[int]) -> str:
+    """The whole sweep as one job array, refused when it cannot be one (per-point resources, MaxArraySize)."""
+    from stride import launch, slurm
+
+    if max_parallel is not None:
+        max_parallel = _positive("--max-parallel", max_parallel)
+    swept_slurm = [key for key in sweep.keys if key.startswith("slurm.")]
+    if swept_slurm:
+        raise StrideError(f"{swept_slurm[0]} cannot be swept in one job array (every task gets the same "
+                          f"allocation): submit one sweep per resource shape")
+    config = configs[0]
+    work_dir = config_lib.require_work_dir(config)
+    params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{work_dir.name}")
+    python = _container_command(config)
+    if dry_run:
+        preview = dict(params, array_parallelism=max_parallel or sweep.size)
+        text = slurm.make_sbatch_text(preview, work_dir / "sweeps" / "<id>" / "slurm", python, array=sweep.size)
+        return (f"# sweep of {sweep.size} runs as one job array (dry run: nothing written, nothing submitted)\n"
+                f"{_describe_points(sweep, configs)}\n\n# sbatch script\n{text.rstrip()}")
+    limit = slurm.max_array_size()
+    if limit is not None and sweep.size > limit:
+        raise StrideError(f"this sweep has {sweep.size} points but the cluster's MaxArraySize is {limit}: split it "
+                          f"into several submissions (fewer values per key)")
+    plan = _container_plan(config, gpus_requested=config["slurm"]["gpus_per_node"], for_submit=True)
+    python = plan.shell if plan else None
+    params = launch.preflight_slurm(config, python)
+    warning = slurm.visibility_warning(work_dir)
+    if warning:
+        print(f"stride: warning: {warning}", file=sys.stderr)
+    runs = _create_sweep_runs(sweep, configs)
+    for run in runs:
+        _record_container(run, plan)
+    array_id = launch.submit_array(configs, runs, params, python, max_parallel)
+    lines = [f"submitted job array {array_id} ({sweep.size} runs, at most {max_parallel or sweep.size} at once)"]
+    lines += [f"run folder: {run.path}  {' '.join(f'{k}={_leaf(c, k)}' for k in sweep.keys)}"
+              for run, c in zip(runs, configs)]
+    return "\n".join(lines)
 
 
 def _container_flag(image: Any) -> dict:
@@ -386,7 +572,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     try:
         words = normalise_argv(sys.argv[1:] if argv is None else argv)
-        fire.Fire(StrideCLI, command=words, name="stride")
+        # An instance, not the class: Fire's completion script would otherwise offer a `--self` flag everywhere.
+        fire.Fire(StrideCLI(), command=words, name="stride")
     except StrideError as exc:
         print(f"stride: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None

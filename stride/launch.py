@@ -156,3 +156,43 @@ def submit_run(config: dict, params: dict, python: Optional[str] = None,
                       submitted_at=record["submitted_at"])
     marker.unlink()
     return run, job_id
+
+
+def submit_array(configs: list[dict], runs: list[RunDir], params: dict, python: Optional[str] = None,
+                 max_parallel: Optional[int] = None) -> str:
+    """Submit a sweep's runs as ONE SLURM job array (task i trains runs[i]); returns the array's job id.
+
+    submitit's job folder is shared by the array (work_dir/sweeps/<id>/slurm); each run folder's `slurm` links to it,
+    so `stride logs RUN --slurm out` finds the task's logs like any other job's.
+    """
+    import submitit
+
+    from stride.job import SlurmTrain
+
+    folder = runs[0].path.parent / "sweeps" / runs[0].read_metadata()["sweep"]["id"] / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    markers = [run.path / "SUBMITTING" for run in runs]
+    for run, marker in zip(runs, markers):
+        marker.write_text(now_iso() + "\n")
+        if run.slurm_dir.is_dir() and not run.slurm_dir.is_symlink() and not any(run.slurm_dir.iterdir()):
+            run.slurm_dir.rmdir()
+        os.symlink(os.path.relpath(folder, run.path), run.slurm_dir)
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, python=python,
+                                          max_num_timeout=configs[0]["slurm"]["max_timeout_requeues"])
+        executor.update_parameters(**params, array_parallelism=max_parallel or len(runs))
+        with executor.batch():
+            jobs = [executor.submit(SlurmTrain(str(run.path))) for run in runs]
+    except Exception as exc:
+        for run in runs:
+            run.update_status(state="failed", error=f"submission failed: {exc}")
+        raise ClusterError(f"submission of the sweep failed: {str(exc).strip().splitlines()[-1]}") from None
+    for run, job, marker in zip(runs, jobs, markers):
+        job_id = str(job.job_id)
+        record = {"job_id": job_id, "submitted_at": now_iso(), "nodes": configs[0]["slurm"]["nodes"],
+                  "tasks_per_node": params["ntasks_per_node"], "array": True}
+        run.update_metadata(lambda m, record=record: m.setdefault("jobs", []).append(record))
+        run.update_status(state="pending", job_id=job_id, launcher="slurm", nodes=configs[0]["slurm"]["nodes"],
+                          submitted_at=record["submitted_at"])
+        marker.unlink()
+    return str(jobs[0].job_id).split("_")[0]

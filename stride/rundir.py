@@ -20,6 +20,10 @@ from stride.errors import ConfigError, RunError
 
 MAX_ALLOCATION_TRIES = 10_000
 LOCK_TIMEOUT_S = 60.0
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+"""Files stride writes get the mode an ordinary `open()` would give them under this process's umask."""
 # Run-folder locks this process holds, per thread, so that nested `locked()` blocks do not deadlock on flock.
 _HELD: dict[tuple[int, str], int] = {}
 _HELD_GUARD = threading.Lock()
@@ -51,6 +55,7 @@ def atomic_write(path: Union[str, Path], write: Callable[[Any], None], mode: str
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)  # mkstemp's 0600 would hide runs from collaborators sharing the work_dir
         with os.fdopen(fd, mode) as handle:
             write(handle)
             handle.flush()
@@ -110,6 +115,11 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """TensorBoard event files (when tensorboard is installed): `tensorboard --logdir WORK_DIR` shows all runs."""
+        return self.path / "tensorboard"
 
     @property
     def git_diff_file(self) -> Path:

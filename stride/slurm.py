@@ -106,12 +106,13 @@ def submitit_command(python: str, folder: Path) -> str:
     return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def make_sbatch_text(params: Mapping, folder: Path, python: Optional[str] = None) -> str:
-    """The exact sbatch script submitit writes for these parameters (pure)."""
+def make_sbatch_text(params: Mapping, folder: Path, python: Optional[str] = None, array: Optional[int] = None) -> str:
+    """The exact sbatch script submitit writes for these parameters (pure); `array`: a job array of that many tasks."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     python = python or shlex.quote(sys.executable)
-    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params)
+    extra = {"map_count": array} if array else {}
+    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params, **extra)
 
 
 def test_only(sbatch_text: str, timeout_s: float = 30.0) -> None:
@@ -220,3 +221,13 @@ def requeue(job_id: str, timeout_s: float = 30.0) -> Optional[str]:
     except ClusterError as exc:
         return str(exc)
     return None if result.returncode == 0 else (result.stderr or result.stdout).strip()
+
+
+def max_array_size(timeout_s: float = 15.0) -> Optional[int]:
+    """The cluster's MaxArraySize (array indices must stay below it); None when scontrol cannot say."""
+    try:
+        result = run_command(["scontrol", "show", "config"], timeout_s)
+    except ClusterError:
+        return None
+    match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
+    return int(match.group(1)) if match else None

@@ -77,7 +77,10 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
         q = queue[job_id]
         slurm_state = q["state"].lower()
         # A job that checkpointed and was requeued shows PENDING again: say so.
-        state = "requeued" if slurm_state == "pending" and state in ("stopped", "running", "requeued") else slurm_state
+        if slurm_state == "pending" and state in ("stopped", "running", "requeued"):
+            state = "requeued"
+        elif not (state in ("completed", "failed") and slurm_state in ("running", "completing")):
+            state = slurm_state  # (a run that has written its end is done, even while its processes exit)
         nodes = q["nodes"] or nodes
     elif job_id and state in ("pending", "running", "stopped", "requeued") and status.get("launcher") == "slurm":
         ended = accounting.get(job_id, {}).get("state", "").lower()
@@ -90,7 +93,7 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
     metrics = status.get("results") or status.get("metrics") or {}
     row = {"run": run.name, "path": str(run.path), "state": state, "job_id": job_id or "", "nodes": nodes,
            "epoch": f"{epoch}/{epochs}" if epoch is not None else "", "step": f"{step}/{total}" if step else "",
-           "metrics": metrics, "elapsed_s": _elapsed_s(status)}
+           "metrics": metrics, "elapsed_s": _elapsed_s(status), "sweep": run.read_metadata().get("sweep")}
     if state == "failed" or status.get("failed_rank") is not None:
         row["failure"] = {k: status.get(k) for k in ("failed_rank", "failed_host", "error", "error_tail")}
     return row
@@ -117,14 +120,59 @@ def _format_metrics(metrics: dict, limit: int = 3) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in shown)
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = ["run", "state", "job_id", "nodes", "epoch", "step", "elapsed", "metrics"]
-    table = [[str(cell) for cell in (r["run"], r["state"], r["job_id"], r["nodes"], r["epoch"], r["step"],
-                                     _format_elapsed(r["elapsed_s"]), _format_metrics(r["metrics"]))] for r in rows]
+def _render(columns: list[str], table: list[list[str]]) -> list[str]:
     widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(columns)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in table]
-    return "\n".join(lines)
+    return lines
+
+
+def sort_rows(rows: list[dict], metric: Optional[str]) -> list[dict]:
+    """Best first by `metric` (largest for accuracies, smallest otherwise); runs without it last."""
+    if not metric:
+        return rows
+    maximize = "acc" in metric
+    have = [r for r in rows if isinstance(r["metrics"].get(metric), (int, float))]
+    lacking = [r for r in rows if r not in have]
+    return sorted(have, key=lambda r: r["metrics"][metric], reverse=maximize) + lacking
+
+
+def _short_names(keys: list[str]) -> list[str]:
+    """Swept keys as column names: the last part (lr, seed) unless two keys share it."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return [short if last.count(short) == 1 else key for short, key in zip(last, keys)]
+
+
+def _format_sweep(sweep_id: str, rows: list[dict]) -> list[str]:
+    keys = rows[0]["sweep"]["keys"]
+    metric_names = sorted({k for r in rows for k, v in r["metrics"].items() if isinstance(v, (int, float))
+                           and k.startswith(("test_", "val_"))}, key=lambda k: (not k.startswith("test_"), k))
+    columns = ["run", "state", "job_id", *_short_names(keys), "epoch", "elapsed", *metric_names]
+    table = [[str(r["run"]), r["state"], r["job_id"], *(str(r["sweep"]["values"].get(k, "")) for k in keys),
+              r["epoch"], _format_elapsed(r["elapsed_s"]),
+              *(f"{r['metrics'][m]:.4g}" if isinstance(r["metrics"].get(m), (int, float)) else "" for m in metric_names)]
+             for r in rows]
+    header = f"sweep {sweep_id}: {len(rows)} runs over {', '.join(keys)}"
+    return [header, *_render(columns, table)]
+
+
+def format_table(rows: list[dict], sort: Optional[str] = None) -> str:
+    """Plain runs in one table; each sweep in its own table with the swept values and final metrics as columns."""
+    plain = [r for r in rows if not r.get("sweep")]
+    sweeps: dict[str, list[dict]] = {}
+    for row in rows:
+        if row.get("sweep"):
+            sweeps.setdefault(row["sweep"]["id"], []).append(row)
+    blocks = []
+    if plain or not sweeps:
+        columns = ["run", "state", "job_id", "nodes", "epoch", "step", "elapsed", "metrics"]
+        table = [[str(cell) for cell in (r["run"], r["state"], r["job_id"], r["nodes"], r["epoch"], r["step"],
+                                         _format_elapsed(r["elapsed_s"]), _format_metrics(r["metrics"]))]
+                 for r in sort_rows(plain, sort)]
+        blocks.append("\n".join(_render(columns, table)))
+    for sweep_id, members in sweeps.items():
+        blocks.append("\n".join(_format_sweep(sweep_id, sort_rows(members, sort))))
+    return "\n\n".join(blocks)
 
 
 def format_detail(row: dict) -> str:

@@ -30,6 +30,7 @@ from stride.errors import ConfigError, RunError
 from stride.logs import ProgressBar, get_logger, setup_logging
 from stride.rundir import RunDir, atomic_write, find_run, now_iso, validate_run_name, write_json
 from stride.provenance import create_run
+from stride.tensorboard import TensorBoardLog
 
 CHECKPOINT_FORMAT = 1
 
@@ -358,6 +359,7 @@ class _Loop:
         self.maximize = mode == "max" or (mode == "auto" and "acc" in self.best_metric)
         self.checkpointer = Checkpointer(run_dir.checkpoints_dir, self.tk["keep_last_checkpoints"],
                                          background=self.tk["async_checkpoint"])
+        self.tensorboard = TensorBoardLog(run_dir.tensorboard_dir)  # opens at rank 0's first record, if installed
 
     # -------------------------------------------------------------------------------------------------- building
     def _build(self) -> None:
@@ -476,8 +478,10 @@ class _Loop:
 
     def _write_metrics(self, record: dict) -> None:
         if self.is_main:
+            record = {"time": round(time.time(), 3), **record}
             with open(self.run_dir.metrics_file, "a") as handle:
-                handle.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+                handle.write(json.dumps(record) + "\n")
+            self.tensorboard.write(record)
 
     def _is_better(self, value: float) -> bool:
         if self.best is None:
@@ -593,6 +597,7 @@ class _Loop:
 
         `quiet` while another error is on its way out: a failed background write must not hide it.
         """
+        self.tensorboard.close()
         try:
             self.checkpointer.wait()
         except Exception:

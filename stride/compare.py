@@ -1,0 +1,91 @@
+"""Compare runs by their resolved configs: the settings that differ, as dotted keys (`training_kwargs.lr`).
+
+Pure and light (the standard library and stride.config, never torch), so `stride diff` answers at once and
+`stride plot` can label each curve by what makes its run different from the others.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from stride.config import flatten
+
+# Where a run lives, not how it trains: any two runs differ there, so a diff that showed them would never be empty.
+IDENTITY_KEYS = frozenset({"work_dir", "run"})
+ABSENT = "(absent)"
+
+
+@dataclass(frozen=True)
+class Change:
+    """One setting that differs; `before`/`after` is ABSENT where that run's config lacks the key."""
+
+    key: str
+    before: str
+    after: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.before} -> {self.after}"
+
+
+def settings(config: Mapping) -> dict[str, Any]:
+    """A resolved config as {dotted key: value}, without the identity keys."""
+    return {key: value for key, value in flatten(config).items() if key not in IDENTITY_KEYS}
+
+
+def format_value(value: Any) -> str:
+    """A value as it would be typed in a `key=value` override: 0.001, null, true, ResNet, [256, 128]."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # Through JSON, so that 1 and True, or 1 and 1.0, count as different settings, as they are in config.json.
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def diff_configs(before: Mapping, after: Mapping) -> list[Change]:
+    """Every setting that differs between two configs, in config order; keys on one side only included."""
+    old, new = settings(before), settings(after)
+    keys = list(old) + [key for key in new if key not in old]
+    return [Change(key, format_value(old[key]) if key in old else ABSENT,
+                   format_value(new[key]) if key in new else ABSENT)
+            for key in keys if key not in old or key not in new or not _same(old[key], new[key])]
+
+
+def differing_keys(configs: Sequence[Mapping]) -> list[str]:
+    """The dotted keys whose value (or presence) is not the same in every one of `configs`, in config order."""
+    flat = [settings(config) for config in configs]
+    keys: dict[str, None] = {}
+    for one in flat:
+        keys.update(dict.fromkeys(one))
+    missing = object()
+    return [key for key in keys
+            if any(not _same(one.get(key, missing), flat[0].get(key, missing)) for one in flat[1:])]
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """{dotted key: its last part} (`training_kwargs.lr` -> `lr`), keeping the full key where last parts clash."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: name if last.count(name) == 1 else key for key, name in zip(keys, last)}
+
+
+def run_labels(configs: Sequence[Mapping], names: Sequence[str]) -> list[str]:
+    """One label per run from the settings that differ between them (`lr=0.001 seed=1`).
+
+    A run whose label would be empty or shared with another (identical settings) is named by its run name too.
+    """
+    keys = differing_keys(configs)
+    short = short_names(keys)
+    labels = []
+    for config in configs:
+        flat = settings(config)
+        labels.append(" ".join(f"{short[key]}={format_value(flat[key]) if key in flat else ABSENT}" for key in keys))
+    return [label if label and labels.count(label) == 1 else f"run {name}" + (f": {label}" if label else "")
+            for label, name in zip(labels, names)]
+
+
+def format_diff(changes: Sequence[Change], name_a: str, name_b: str) -> str:
+    """`key: A -> B` per differing setting, or one line saying the configs are identical."""
+    if not changes:
+        return f"identical configs: {name_a} and {name_b}"
+    return "\n".join(str(change) for change in changes)
