@@ -330,7 +330,7 @@ class StrideCLI:
     def diff(self, run_a: str, run_b: str, work_dir: Optional[str] = None) -> str:
         """Show the config settings that differ between two runs, one `key: A -> B` line each.
 
-        Keys are dotted (training_kwargs.lr); a key that only one run has shows (absent) on the other side. The
+        Keys are dotted (training_kwargs.lr); a key that only one run has shows (not set) on the other side. The
         run name and work_dir say where a run lives, not how it trains, and are left out.
 
         Args:
@@ -353,7 +353,8 @@ class StrideCLI:
         Args:
           work_dir: the experiment folder whose runs to plot (or one run folder).
           runs: run names inside work_dir (default: every run).
-          metric: metric(s) to plot, comma-separated, e.g. val_loss or train_loss,val_loss (default: train_loss and val_accuracy or val_loss).
+          metric: metric(s) to plot, comma-separated, e.g. val_loss or train_loss,val_loss (default: train_loss
+            and val_accuracy, or val_loss).
           out: the file to write: .png, .svg or .pdf (default: WORK_DIR/plots/<metrics>.png).
         """
         from stride import plot as plot_lib
@@ -462,17 +463,19 @@ def _describe_points(sweep: Any, configs: list[dict]) -> str:
 
 def _local_sweep(sweep: Any, configs: list[dict], world: int, gpus: int) -> str:
     """The points one after another on this machine; a failed point does not stop the others."""
+    plan = _container_plan(configs[0], gpus_requested=world if gpus else 0, for_submit=False)
     runs = _create_sweep_runs(sweep, configs)
     print(f"stride: sweep of {sweep.size} runs in {runs[0].path.parent}:\n{_describe_points(sweep, configs)}",
           file=sys.stderr)
     failed = []
     for run, config in zip(runs, configs):
+        _record_container(run, plan)
         if gpus:
             config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
             run.write_config(config)
         print(f"stride: run folder {run.path}", file=sys.stderr)
         try:
-            _train_here(run, world)
+            _train_here(run, world, plan.argv if plan else None)
         except SystemExit as exc:
             if exc.code in STOP_EXIT_CODES.values():
                 raise

@@ -13,7 +13,7 @@ from stride.config import flatten
 
 # Where a run lives, not how it trains: any two runs differ there, so a diff that showed them would never be empty.
 IDENTITY_KEYS = frozenset({"work_dir", "run"})
-ABSENT = "(absent)"
+ABSENT = "(not set)"
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,7 @@ def render(panels: dict[str, list[Series]], out: Path, title: str = "") -> Path:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise StrideError(f"stride plot needs matplotlib, which is not installed here: {INSTALL_HINT}") from None
     out = Path(out)
@@ -142,6 +143,7 @@ def render(panels: dict[str, list[Series]], out: Path, title: str = "") -> Path:
                       markersize=3)
         axes.set_title(metric)
         axes.set_xlabel("step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(True, alpha=0.3)
         if panel:
             axes.legend(fontsize="small")

@@ -43,9 +43,13 @@ class TensorBoardLog:
                 get_logger().info("tensorboard is not installed: no TensorBoard logs for this run "
                                   "(pip install 'stride[tensorboard]')")
                 return None
-            # A resumed run redoes the steps after its checkpoint (and drops them from metrics.jsonl); purge_step
-            # makes TensorBoard drop the earlier attempt's events from the first step this process writes.
-            self._writer = SummaryWriter(str(self.log_dir), purge_step=first_step, flush_secs=FLUSH_EVERY_S)
+            # A resumed run redoes the steps after its checkpoint (and drops them from metrics.jsonl). Records fall
+            # on steps fixed by the config, so this process's first record is the earlier attempt's first stale one:
+            # purge_step makes TensorBoard drop the earlier events from that step on.
+            try:
+                self._writer = SummaryWriter(str(self.log_dir), purge_step=first_step, flush_secs=FLUSH_EVERY_S)
+            except Exception as exc:
+                self._give_up(exc)
         return self._writer
 
     def write(self, record: dict) -> None:
@@ -53,14 +57,27 @@ class TensorBoardLog:
         if writer is None:
             return
         split = record.get("split", "train")
-        for key, value in record.items():
-            if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
-                writer.add_scalar(tag_for(key, split), value, global_step=record["step"], walltime=record.get("time"))
-        if split != "train":
-            writer.flush()  # epoch and test results show up at once, not FLUSH_EVERY_S later
+        try:
+            for key, value in record.items():
+                if key not in NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    writer.add_scalar(tag_for(key, split), value, global_step=record["step"],
+                                      walltime=record.get("time"))
+            if split != "train":
+                writer.flush()  # epoch and test results show up at once, not FLUSH_EVERY_S later
+        except Exception as exc:  # a view of metrics.jsonl must never stop training
+            self._give_up(exc)
 
     def close(self) -> None:
         """Flush and close the event file (at the end of fit(), a stop, or an error); safe to call twice."""
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception as exc:
+                self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        get_logger().warning("TensorBoard logging stopped (%s: %s); metrics.jsonl is unaffected", type(exc).__name__,
+                             exc)
+        self._unavailable = True
+        self._writer = None
