@@ -54,7 +54,9 @@ def build(workload: Workload, device: torch.device):
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, classification: bool,
              autocast: Callable[[], Any]) -> dict:
-    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda")
+    # A loader without a generator of its own draws a seed from the global RNG each time it is iterated, which
+    # would shift the dropout stream by how often we evaluate: evaluation gets its own.
+    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda", generator=torch.Generator())
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: no per-batch sync
     for inputs, targets in loader:

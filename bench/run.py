@@ -7,8 +7,11 @@ ratios, targets).
     python bench/run.py --device cuda --precision bf16
     python bench/run.py --update-docs      # also rewrite the table in docs/benchmarks.md
 
-Every measurement runs in a fresh process, and the two sides alternate (raw, stride, stride, raw, ...), so drift and
-other load on a shared machine fall on both sides alike; ratios are taken within each pair, then summarised.
+Every measurement runs in a fresh process, and the two sides alternate (raw, stride | stride, raw | ...), so drift
+falls on both sides alike; ratios are taken within each pair, then summarised. On a shared machine the bench also
+measures how busy other processes kept the cores during each pair (/proc/stat minus its own CPU time): before a pair it
+waits a while for quiet, and it keeps running pairs until --repeats of them saw at most --max-foreign-load, or
+--max-pairs ran. Every pair is reported; the verdicts use the quiet ones.
 """
 from __future__ import annotations
 
@@ -28,13 +31,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `stride` importable as packages
     sys.path.insert(0, str(REPO))
 
-from bench import workloads  # noqa: E402
+from bench.worker import foreign_load, machine_busy_s  # noqa: E402
 
 WORKER_TIMEOUT_S = 900
 CLI_TIMEOUT_S = 60
@@ -52,6 +55,8 @@ class Finished:
     peak_rss_mb: float
     stdout: str
     stderr: str
+    foreign_load: float
+    """The share of the machine's cores that other processes kept busy while this one ran."""
 
     def check(self) -> "Finished":
         if self.returncode != 0:
@@ -63,6 +68,7 @@ class Finished:
 def spawn(argv: Sequence[str], env: dict, cwd: Path, timeout_s: float) -> Finished:
     """Run a process to completion: exact wall time (blocking wait4, no polling) and its own peak RSS."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        busy = machine_busy_s()
         start = time.perf_counter()
         proc = subprocess.Popen(list(argv), stdout=out, stderr=err, env=env, cwd=cwd, start_new_session=True)
         watchdog = threading.Timer(timeout_s, lambda: os.killpg(proc.pid, signal.SIGKILL))
@@ -72,16 +78,18 @@ def spawn(argv: Sequence[str], env: dict, cwd: Path, timeout_s: float) -> Finish
         finally:
             watchdog.cancel()
         wall = time.perf_counter() - start
+        load = foreign_load(machine_busy_s() - busy, usage.ru_utime + usage.ru_stime, wall)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         return Finished(list(argv), proc.returncode, wall, usage.ru_maxrss / 1024,
-                        out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+                        out.read().decode(errors="replace"), err.read().decode(errors="replace"), load)
 
 
 def child_env(threads: Optional[int], extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # After any PYTHONPATH of the caller's: `PYTHONPATH=../other-checkout python bench/run.py` measures that stride.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(REPO)]))
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env.update(extra or {})
@@ -93,10 +101,42 @@ def stride_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "stride"]
 
 
-def alternate(reps: int) -> Iterable[tuple[int, tuple[str, str]]]:
-    """raw, stride | stride, raw | raw, stride ...: each pair runs back to back, first place alternating."""
-    for rep in range(reps):
-        yield rep, (("raw", "stride") if rep % 2 == 0 else ("stride", "raw"))
+def wait_for_quiet(args: argparse.Namespace) -> float:
+    """Wait (at most --quiet-wait-s) until other processes leave the machine mostly idle; returns their load."""
+    if args.quiet_wait_s <= 0:
+        return float("nan")
+    deadline = time.monotonic() + args.quiet_wait_s
+    while True:
+        busy, start = machine_busy_s(), time.perf_counter()
+        time.sleep(1.0)
+        load = foreign_load(machine_busy_s() - busy, 0.0, time.perf_counter() - start)
+        if load <= args.max_foreign_load or time.monotonic() >= deadline:
+            return load
+
+
+def collect_pairs(label: str, args: argparse.Namespace, run_side: Callable[[str, int], dict],
+                  describe: Callable[[dict], str]) -> list[dict]:
+    """raw, stride | stride, raw | ...: each pair back to back, first place alternating, until --repeats pairs ran
+    with other processes' load under --max-foreign-load on both sides (or --max-pairs pairs ran at all)."""
+    pairs: list[dict] = []
+    limit = args.max_pairs or 3 * args.repeats
+    while len(pairs) < limit and sum(p["clean"] for p in pairs) < args.repeats:
+        rep = len(pairs)
+        wait_for_quiet(args)
+        pair: dict[str, Any] = {}
+        for side in (("raw", "stride") if rep % 2 == 0 else ("stride", "raw")):
+            pair[side] = run_side(side, rep)
+        pair["foreign_load"] = max(pair["raw"]["foreign_load"], pair["stride"]["foreign_load"])
+        pair["clean"] = pair["foreign_load"] <= args.max_foreign_load
+        note(f"{label} #{rep + 1}: {describe(pair)}; other processes' load {pair['foreign_load']:.0%}"
+             + ("" if pair["clean"] else " (over the limit: shown, not counted)"))
+        pairs.append(pair)
+    return pairs
+
+
+def counted(pairs: list[dict]) -> list[dict]:
+    """The pairs the verdicts use: those run on a quiet enough machine, or all of them if none was."""
+    return [p for p in pairs if p["clean"]] or pairs
 
 
 def note(message: str) -> None:
@@ -126,22 +166,18 @@ def run_worker(side: str, workload: str, args: argparse.Namespace, work_dir: Pat
     line = next(line for line in done.stdout.splitlines() if line.startswith("BENCH "))
     result = json.loads(line[len("BENCH "):])
     result["process_peak_rss_mb"] = done.peak_rss_mb
+    if "foreign_load" not in result:
+        result["foreign_load"] = done.foreign_load
     return result
 
 
 def bench_throughput(args: argparse.Namespace, root: Path) -> dict:
     out: dict[str, Any] = {}
     for name in ("mlp", "cnn"):
-        pairs = []
-        for rep, order in alternate(args.repeats):
-            pair = {}
-            for side in order:
-                pair[side] = run_worker(side, name, args, root / f"{name}-{rep}")
-            ratio = pair["stride"]["steps_per_s"] / pair["raw"]["steps_per_s"]
-            note(f"{name} #{rep + 1}: raw {pair['raw']['steps_per_s']:.1f} steps/s, stride "
-                 f"{pair['stride']['steps_per_s']:.1f} steps/s, stride/raw {ratio:.3f}")
-            pairs.append(pair)
-        out[name] = pairs
+        out[name] = collect_pairs(
+            name, args, lambda side, rep: run_worker(side, name, args, root / f"{name}-{rep}"),
+            lambda p: f"raw {p['raw']['steps_per_s']:.1f} steps/s, stride {p['stride']['steps_per_s']:.1f} steps/s, "
+                      f"stride/raw {p['stride']['steps_per_s'] / p['raw']['steps_per_s']:.3f}")
     return out
 
 
@@ -149,26 +185,25 @@ def bench_startup(args: argparse.Namespace, root: Path) -> dict:
     """The default run from a shell: `stride local` against `python -m bench.raw`, process start to first step."""
     work_dir = root / "cli-runs"
     quick = ["training_kwargs.epochs=2"] if args.quick else []
-    rows = []
-    for rep, order in alternate(args.repeats):
-        row = {}
-        for side in order:
-            stamp = root / f"first-step-{side}-{rep}.txt"
-            env = child_env(args.threads, {FIRST_STEP_ENV: str(stamp)})
-            if side == "stride":
-                argv = [*stride_command(), "local", f"work_dir={work_dir}", "dataset_kwargs.dataset_name=bench.probe:digits",
-                        f"device={args.device}", f"training_kwargs.precision={args.precision}",
-                        f"training_kwargs.compile={str(args.compile).lower()}", *quick]
-            else:
-                argv = [sys.executable, "-m", "bench.raw", "--workload", "cnn", "--dataset", "bench.probe:digits",
-                        "--device", args.device, "--precision", args.precision, "--out-dir", str(root / f"raw-{rep}")]
-                argv += (["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
-            started = time.time()
-            done = spawn(argv, env, REPO, WORKER_TIMEOUT_S).check()
-            first_step = float(stamp.read_text()) - started
-            row[side] = {"first_step_s": first_step, "wall_s": done.wall_s, "peak_rss_mb": done.peak_rss_mb}
-        note(f"first step #{rep + 1}: raw {row['raw']['first_step_s']:.2f} s, stride {row['stride']['first_step_s']:.2f} s")
-        rows.append(row)
+
+    def run_side(side: str, rep: int) -> dict:
+        stamp = root / f"first-step-{side}-{rep}.txt"
+        env = child_env(args.threads, {FIRST_STEP_ENV: str(stamp)})
+        if side == "stride":
+            argv = [*stride_command(), "local", f"work_dir={work_dir}", "dataset_kwargs.dataset_name=bench.probe:digits",
+                    f"device={args.device}", f"training_kwargs.precision={args.precision}",
+                    f"training_kwargs.compile={str(args.compile).lower()}", *quick]
+        else:
+            argv = [sys.executable, "-m", "bench.raw", "--workload", "cnn", "--dataset", "bench.probe:digits",
+                    "--device", args.device, "--precision", args.precision, "--out-dir", str(root / f"raw-{rep}")]
+            argv += (["--quick"] if args.quick else []) + (["--compile"] if args.compile else [])
+        started = time.time()
+        done = spawn(argv, env, REPO, WORKER_TIMEOUT_S).check()
+        return {"first_step_s": float(stamp.read_text()) - started, "wall_s": done.wall_s,
+                "peak_rss_mb": done.peak_rss_mb, "foreign_load": done.foreign_load}
+
+    rows = collect_pairs("first step", args, run_side,
+                         lambda p: f"raw {p['raw']['first_step_s']:.2f} s, stride {p['stride']['first_step_s']:.2f} s")
     return {"rows": rows, "work_dir": str(work_dir)}
 
 
@@ -190,6 +225,7 @@ def bench_cli(args: argparse.Namespace, work_dir: Path) -> dict:
     env = child_env(args.threads)
     times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.cli_repeats):
+        wait_for_quiet(args)
         for name, argv in commands.items():  # round-robin, so noise is shared
             times[name].append(spawn(argv, env, REPO, CLI_TIMEOUT_S).check().wall_s)
     imports = {name: torch_imported(argv, env) for name, argv in commands.items() if name.startswith("stride")}
@@ -198,12 +234,11 @@ def bench_cli(args: argparse.Namespace, work_dir: Path) -> dict:
 
 
 def bench_checkpoint(args: argparse.Namespace, root: Path) -> dict:
-    pairs = []
-    for rep, order in alternate(args.checkpoint_repeats):
-        pair = {side: run_worker(side, "ckpt", args, root / f"ckpt-{rep}") for side in order}
-        note(f"checkpoint #{rep + 1}: raw stall {pair['raw']['checkpoint']['stall_ms']} ms, stride stall "
-             f"{[round(x, 1) for x in pair['stride']['checkpoint']['stall_ms']]} ms")
-        pairs.append(pair)
+    wanted = argparse.Namespace(**{**vars(args), "repeats": args.checkpoint_repeats})
+    pairs = collect_pairs(
+        "checkpoint", wanted, lambda side, rep: run_worker(side, "ckpt", args, root / f"ckpt-{rep}"),
+        lambda p: f"raw stall {[round(x) for x in p['raw']['checkpoint']['stall_ms']]} ms, stride stall "
+                  f"{[round(x) for x in p['stride']['checkpoint']['stall_ms']]} ms")
     return {"pairs": pairs}
 
 
@@ -254,9 +289,9 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     throughput = results.get("throughput", {})
     for name, minimum in (("mlp", 0.97), ("cnn", 0.99)):
-        pairs = throughput.get(name)
-        if not pairs:
+        if not throughput.get(name):
             continue
+        pairs = counted(throughput[name])
         raw = [p["raw"]["steps_per_s"] for p in pairs]
         mine = [p["stride"]["steps_per_s"] for p in pairs]
         ratios = [p["stride"]["steps_per_s"] / p["raw"]["steps_per_s"] for p in pairs]
@@ -266,11 +301,11 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
         fit_ratios = [p["raw"]["fit_s"] / p["stride"]["fit_s"] for p in pairs]
         rows.append(Row(f"{label}: whole fit() incl. setup and test, s", spread([p["raw"]["fit_s"] for p in pairs], ".2f"),
                         spread([p["stride"]["fit_s"] for p in pairs], ".2f"), spread(fit_ratios, ".3f") + " (speed)"))
-        same = all(p["raw"]["final"] == p["stride"]["final"] for p in pairs)
+        same = all(p["raw"]["final"] == p["stride"]["final"] for p in throughput[name])
         rows.append(Row(f"{label}: final val/test metrics", "", "", "identical" if same else "differ"))
     startup = results.get("startup")
     if startup:
-        data = startup["rows"]
+        data = counted(startup["rows"])
         raw = [r["raw"]["first_step_s"] for r in data]
         mine = [r["stride"]["first_step_s"] for r in data]
         deltas = [r["stride"]["first_step_s"] - r["raw"]["first_step_s"] for r in data]
@@ -294,7 +329,7 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
             rows.append(Row(f"for scale: `{name}`, s", spread(cli["times"][name], ".3f"), "", ""))
     ckpt = results.get("checkpoint")
     if ckpt:
-        pairs = ckpt["pairs"]
+        pairs = counted(ckpt["pairs"])
         raw_stall = [s for p in pairs for s in p["raw"]["checkpoint"]["stall_ms"]]
         first = [p["stride"]["checkpoint"]["stall_ms"][0] for p in pairs]
         later = [s for p in pairs for s in p["stride"]["checkpoint"]["stall_ms"][1:]]
@@ -338,6 +373,15 @@ def render(results: dict, args: argparse.Namespace, command: str) -> str:
     if args.quick:
         lines += ["**--quick run: a smoke test of the bench, shortened workloads, one repetition; not a measurement.**",
                   ""]
+    parts = [(name, results.get("throughput", {}).get(key) if key else results.get(part, {}).get(field))
+             for name, part, key, field in (("MLP", "throughput", "mlp", None), ("CNN", "throughput", "cnn", None),
+                                             ("first step", "startup", None, "rows"),
+                                             ("checkpoint", "checkpoint", None, "pairs"))]
+    used = ", ".join(f"{name} {sum(p['clean'] for p in pairs)} of {len(pairs)}" for name, pairs in parts if pairs)
+    loads = [p["foreign_load"] for _, pairs in parts if pairs for p in pairs]
+    if loads:
+        lines += [f"Other processes kept {spread(loads, '.0%')} of the cores busy during the pairs; pairs counted "
+                  f"(that load at most {args.max_foreign_load:.0%} on both sides; all pairs if none was): {used}.", ""]
     lines += ["| measure | raw PyTorch | stride | stride/raw | target | met |", "|---|---|---|---|---|---|"]
     for row in build_rows(results, args):
         lines.append(f"| {row.measure} | {row.raw} | {row.stride} | {row.ratio} | {row.target} | {_verdict(row.met)} |")
@@ -364,6 +408,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--checkpoint-repeats", type=int, default=None, help="default 3")
     parser.add_argument("--cli-repeats", type=int, default=None, help="default 9")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: torch's)")
+    parser.add_argument("--max-foreign-load", type=float, default=0.10,
+                        help="count a pair only if other processes kept at most this share of the cores busy")
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="stop a part after this many pairs, counted or not (default: 3 x the repetitions)")
+    parser.add_argument("--quiet-wait-s", type=float, default=None,
+                        help="before each pair, wait up to this long for the machine to quieten (default 60)")
     parser.add_argument("--only", default="throughput,startup,cli,checkpoint",
                         help="comma-separated parts: throughput, startup, cli, checkpoint")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
@@ -373,6 +423,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.repeats = args.repeats or (1 if args.quick else 5)
     args.checkpoint_repeats = args.checkpoint_repeats or (1 if args.quick else 3)
     args.cli_repeats = args.cli_repeats or (3 if args.quick else 9)
+    if args.quick:
+        args.max_pairs = args.max_pairs or 1
+    args.quiet_wait_s = (0.0 if args.quick else 60.0) if args.quiet_wait_s is None else args.quiet_wait_s
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     unknown = parts - {"throughput", "startup", "cli", "checkpoint"}
     if unknown:

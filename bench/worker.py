@@ -23,6 +23,20 @@ from torch.utils.data import Dataset
 from bench import workloads
 
 
+def machine_busy_s() -> float:
+    """CPU seconds every core of this machine spent busy since boot (all processes), from /proc/stat."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return float("nan")
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def foreign_load(busy_s: float, own_cpu_s: float, wall_s: float) -> float:
+    """The share of the machine's cores that other processes kept busy: what the bench could not control."""
+    return max(0.0, busy_s - own_cpu_s) / (wall_s * (os.cpu_count() or 1))
+
+
 class StampedDataset(Dataset):
     """The training split, unchanged, plus a timestamp at each batch fetch (the start of each training step)."""
 
@@ -30,6 +44,7 @@ class StampedDataset(Dataset):
         self.inner = inner
         self.stamps: list[float] = []
         self.cpu_stamps: list[float] = []
+        self.busy_at_start = float("nan")
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -38,6 +53,8 @@ class StampedDataset(Dataset):
         return self.inner[index]
 
     def __getitems__(self, indices: list[int]) -> list:
+        if not self.stamps:
+            self.busy_at_start = machine_busy_s()
         self.stamps.append(time.perf_counter())
         self.cpu_stamps.append(time.process_time())
         getitems = getattr(self.inner, "__getitems__", None)
@@ -50,10 +67,12 @@ def _step_stats(data: StampedDataset, batch_size: int) -> dict:
     CPU time over the same window (all threads of the process) counts the work done, whatever else the machine ran.
     """
     stamps = data.stamps
+    end, end_cpu, end_busy = time.perf_counter(), time.process_time(), machine_busy_s()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     window = stamps[-1] - stamps[0] if len(stamps) > 1 else float("nan")
     cpu = data.cpu_stamps[-1] - data.cpu_stamps[0] if len(stamps) > 1 else float("nan")
-    return {"steps": len(stamps), "window_s": window, "steps_per_s": len(gaps) / window if gaps else float("nan"),
+    return {"foreign_load": foreign_load(end_busy - data.busy_at_start, end_cpu - data.cpu_stamps[0], end - stamps[0]),
+            "steps": len(stamps), "window_s": window, "steps_per_s": len(gaps) / window if gaps else float("nan"),
             "cpu_ms_per_step": cpu / len(gaps) * 1e3 if gaps else float("nan"),
             "samples_per_s": len(gaps) * batch_size / window if gaps else float("nan"),
             "median_step_ms": statistics.median(gaps) * 1e3 if gaps else float("nan"),

@@ -43,8 +43,9 @@ up() {
   log "starting dockerd (state in $D)"
   # setsid: the daemon outlives this script and the caller's terminal.
   # A separate exec-root keeps its containerd apart from any system one.
+  # 3>&- ... 9>&-: the daemon must not keep a caller's lock file open forever.
   setsid dockerd --data-root "$D/data" --exec-root "$D/exec" --pidfile "$PIDFILE" \
-    -H "unix://$SOCK" >"$D/dockerd.log" 2>&1 </dev/null &
+    -H "unix://$SOCK" >"$D/dockerd.log" 2>&1 </dev/null 3>&- 4>&- 5>&- 6>&- 7>&- 8>&- 9>&- &
   local i
   for i in $(seq 120); do           # at most 120 x 0.5 s = 60 s
     answers && { echo "$SOCK"; return; }
@@ -56,12 +57,21 @@ up() {
   exit 1
 }
 
+# dockerd leaves its data-root bind and network namespace mounted; a later `up`
+# would stack new ones on them.
+unmount_leftovers() {
+  local m
+  for m in $(awk -v d="$D/" 'index($2, d) == 1 {print $2}' /proc/mounts | sort -r); do
+    umount "$m" 2>/dev/null || umount -l "$m" || true
+  done
+}
+
 down() {
   local pid i; pid=$(running_pid || true)
   [[ -z $pid ]] && { log "not running"; return; }
   kill "$pid"
   for i in $(seq 60); do            # at most 30 s, then give up loudly
-    kill -0 "$pid" 2>/dev/null || { log "stopped"; return; }
+    kill -0 "$pid" 2>/dev/null || { unmount_leftovers; log "stopped"; return; }
     sleep 0.5
   done
   log "dockerd $pid still running after 30 s"; exit 1

@@ -25,7 +25,9 @@ MIRROR=${STRIDE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DOCKER_TAG=stride-cpu:test
 SIF=$IMAGES/stride-cpu.sif
 OTHER_PYTHON=$IMAGES/py313
-PACKAGES=(charliecloud-runtime docker.io podman runc mmdebstrap)
+# runc: Podman's crun refuses this machine's hybrid cgroups; netavark: Podman wants a network backend even with
+# --network host (a recommended package, and recommends are not installed).
+PACKAGES=(charliecloud-runtime docker.io podman runc netavark mmdebstrap)
 PODMAN_CONF=$IMAGES/podman/containers.conf
 export STRIDE_WHEEL_DIR=$WHEELS
 
@@ -57,11 +59,13 @@ apptainer_runtime() { bash "$HERE/apptainer-sid.sh" install; }
 # A limit no higher than this shell's hard limit (raising one is what fails), capped at what Podman was seen to set.
 hard_limit() { local v; v=$(ulimit -H"$1"); [[ $v == unlimited || $v -gt $2 ]] && v=$2; echo "$v"; }
 podman_config() {
+  local nofile nproc
+  nofile=$(hard_limit n 20000) nproc=$(hard_limit u 32768)
   mkdir -p "$(dirname "$PODMAN_CONF")"
   cat >"$PODMAN_CONF" <<EOF
 # Written by containers/setup.sh for stride's tests (CONTAINERS_CONF).
 [containers]
-default_ulimits = ["nofile=$(hard_limit n 20000):$(hard_limit n 20000)", "nproc=$(hard_limit u 32768):$(hard_limit u 32768)"]
+default_ulimits = ["nofile=$nofile:$nofile", "nproc=$nproc:$nproc"]
 [engine]
 runtime = "runc"
 EOF

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import stat
 import subprocess
@@ -72,7 +73,8 @@ class ContainerPlan:
 
     @property
     def shell(self) -> str:
-        return container.build_shell_command(self.spec, self.work_mount, os.getuid(), os.getgid())
+        """The same command as one quoted shell string: submitit's `python=`."""
+        return shlex.join(self.argv)
 
     def metadata(self) -> dict:
         """What metadata.json records: the image, its digest, and the software the ranks ran."""
@@ -345,9 +347,8 @@ def prepare(config: Mapping[str, Any], gpus_requested: int, for_submit: bool,
     _check_runtime_installed(spec)
     if _is_path_image(spec):
         check_image_path(Path(spec.image))
-        plan.digest = content_digest(Path(spec.image))
     else:
-        plan.digest = _inspect_oci_image(spec)
+        plan.digest = _inspect_oci_image(spec)  # also says whether the image is there at all
     # The probe mounts what exists now: work_dir itself is created only once every check passed.
     probe_mount = str(_nearest_existing(Path(plan.work_mount)))
     probe_argv = container.build_command(dataclasses.replace(spec, gpus=False), probe_mount,
@@ -359,4 +360,6 @@ def prepare(config: Mapping[str, Any], gpus_requested: int, for_submit: bool,
                              + "; ".join(problems))
     if plan.facts.get("plugins"):
         raise ContainerError(f"in container image '{spec.image}': {plan.facts['plugins']}")
+    if _is_path_image(spec):
+        plan.digest = content_digest(Path(spec.image))  # last: hashing a new multi-GB image takes seconds
     return plan

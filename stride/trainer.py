@@ -27,7 +27,7 @@ from stride.checkpoint import Checkpointer, load_file, save_file
 from stride.datasets import DataSplits
 from stride.distenv import DistEnv
 from stride.errors import ConfigError, RunError
-from stride.logs import ProgressBar, get_logger, setup_logging
+from stride.logs import ProgressBar, setup_logging
 from stride.rundir import RunDir, atomic_write, find_run, now_iso, validate_run_name, write_json
 from stride.provenance import create_run
 from stride.tensorboard import TensorBoardLog

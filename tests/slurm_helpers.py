@@ -52,3 +52,13 @@ def wait_for(predicate, timeout_s: float, interval_s: float = 0.5, what: str = "
 
 def wait_gone(job_id: str, timeout_s: float = 300) -> None:
     wait_for(lambda: job_state(job_id) == "GONE", timeout_s, what=f"job {job_id} to leave the queue")
+
+
+def train_step(run: Path) -> int:
+    """The last training step the run logged in metrics.jsonl (0 before its first log line)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        steps = [r["step"] for r in map(json.loads, lines) if r["split"] == "train"]
+    except (FileNotFoundError, ValueError):
+        return 0
+    return steps[-1] if steps else 0

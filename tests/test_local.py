@@ -1,7 +1,6 @@
 """`stride local` end to end: real training on the shipped digits data, real multi-process gloo, bad input."""
 from __future__ import annotations
 
-import json
 
 import pytest
 

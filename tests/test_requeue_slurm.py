@@ -1,15 +1,13 @@
 """Preemption, time limits and `stride resume` on the real local Slurm: the requeued run is the same run."""
 from __future__ import annotations
 
-import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import read_json, read_jsonl
-from slurm_helpers import job_state, needs_slurm, run_status, submitted, wait_for, wait_gone
+from slurm_helpers import job_state, needs_slurm, run_status, submitted, train_step, wait_for, wait_gone
 from test_resume import assert_bitwise_equal
 
 pytestmark = [pytest.mark.slurm, needs_slurm]
@@ -17,14 +15,6 @@ JOB = ["--nodes", "2", "--tasks-per-node", "2", "--time", "10"]
 # Deterministic, 4 ranks, one DataLoader worker each (they must survive the signal and die with the job).
 EXACT = ["training_kwargs.deterministic=true", "training_kwargs.epochs=25", "load_data_kwargs.batch_size=8",
          "training_kwargs.log_every_steps=10", "load_data_kwargs.num_workers=1"]
-
-
-def train_step(run: Path) -> int:
-    try:
-        steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "train"]
-    except (FileNotFoundError, ValueError):
-        return 0
-    return steps[-1] if steps else 0
 
 
 def processes_of_job(job_id: str) -> list[int]:

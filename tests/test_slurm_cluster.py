@@ -14,7 +14,6 @@ import os
 import re
 import subprocess
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import pytest

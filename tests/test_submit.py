@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import read_json, read_jsonl
+from conftest import read_json
 from slurm_helpers import needs_slurm, squeue_ids, submitted, run_status, wait_for, wait_gone, job_state
 
 pytestmark = [pytest.mark.slurm, needs_slurm]
