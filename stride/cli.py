@@ -5,6 +5,7 @@ Fire is the only CLI dependency. Nothing here imports torch at module level: `st
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,6 +39,43 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
     return out
 
 
+FIRE_FLAGS = {"help", "h"}
+
+
+def check_words(words: Sequence[str]) -> None:
+    """Refuse an unknown command or option before anything runs.
+
+    Fire calls the command first and only then complains about words it could not use, so a typo such as
+    `--nodse 2` would otherwise train or submit with the wrong settings.
+    """
+    import inspect
+
+    from stride.errors import did_you_mean
+
+    if not words or words[0].startswith("-"):
+        return
+    commands = [name for name in dir(StrideCLI) if not name.startswith("_")]
+    if words[0] not in commands:
+        raise StrideError(f"unknown command '{words[0]}'{did_you_mean(words[0], commands)}; commands: "
+                          f"{', '.join(commands)} (stride --help explains them)")
+    params = inspect.signature(getattr(StrideCLI, words[0])).parameters
+    options = [name for name, p in params.items() if name != "self" and p.kind is not p.VAR_POSITIONAL]
+    for word in words[1:]:
+        if word == "--":
+            return  # what follows is for Fire itself (--completion, --help)
+        if not word.startswith("--"):
+            continue
+        name = word[2:].partition("=")[0].replace("-", "_")
+        if name not in options and name not in FIRE_FLAGS:
+            spelled = [f"--{o.replace('_', '-')}" for o in options]
+            settings = [key for key in config_lib.known_keys() if key.endswith("." + name)]
+            hint = (f" (did you mean the setting {' or '.join(f'{k}=...' for k in settings)}?)" if settings
+                    else did_you_mean('--' + name.replace('_', '-'), spelled))
+            raise StrideError(f"unknown option --{word[2:].partition('=')[0]} for `stride {words[0]}`{hint}; "
+                              f"its options: "
+                              f"{', '.join(spelled) or '(none)'}; a config setting is key=value, without dashes")
+
+
 def _resolve(args: Sequence[Any], profile: Optional[str] = None, final: Optional[dict] = None) -> dict:
     files, overrides = config_lib.split_cli_args(args)
     return config_lib.resolve(overrides=overrides, files=files, profile=profile, final=final)
@@ -61,7 +99,8 @@ def _slurm_flags(nodes: Any, gpus: Any, tasks_per_node: Any, cpus_per_task: Any,
         flags["time_min"] = slurm.parse_time_min(time)
     for key, value in (("partition", partition), ("account", account), ("qos", qos), ("constraint", constraint)):
         if value is not None:
-            flags[key] = str(value)
+            # Fire reads `--partition debug,long` as a tuple; Slurm wants the comma list back.
+            flags[key] = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
     if exclusive:
         flags["exclusive"] = True
     if sbatch:
@@ -100,7 +139,7 @@ class StrideCLI:
         from stride.trainer import check_plugins
 
         world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc)
-        sweep, configs = _resolve_sweep(args, final=_container_flag(container))
+        sweep, configs = _resolve_sweep(args, final=_container_flag(container), check=True)
         if sweep.axes:
             return _local_sweep(sweep, configs, world, gpus)
         config = configs[0]
@@ -110,6 +149,7 @@ class StrideCLI:
         plan = _container_plan(config, gpus_requested=world if gpus else 0, for_submit=False)
         if plan is None:
             check_plugins(config)  # with a container, the preflight checked them inside the image
+            _check_visible_gpus(config, gpus)
         run = create_run(config)
         _record_container(run, plan)
         print(f"stride: run folder {run.path}", file=sys.stderr)
@@ -123,8 +163,8 @@ class StrideCLI:
                container: Optional[str] = None, max_parallel: Optional[int] = None) -> str:
         """Submit a new run to SLURM through submitit and return at once with the run folder and job id.
 
-        A sweep (`training_kwargs.lr=1e-3,3e-4 training_kwargs.seed=range(0,3)`) is submitted as ONE job array,
-        one run folder per point.
+        A sweep (`training_kwargs.lr=1e-3,3e-4 'training_kwargs.seed=range(0,3)'`, quoted for the shell) is
+        submitted as ONE job array, one run folder per point.
 
         Args:
           args: key.sub=value overrides and YAML config files (work_dir=... is required).
@@ -150,7 +190,8 @@ class StrideCLI:
 
         flags = _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition, account, qos,
                              constraint, exclusive, sbatch, setup)
-        sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)})
+        sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)},
+                                        check=not dry_run)
         if sweep.axes:
             return _submit_sweep(sweep, configs, dry_run, max_parallel)
         config = configs[0]
@@ -231,20 +272,29 @@ class StrideCLI:
         nothing_to_do = resume_lib.check_resumable(run_dir, live_state, config, original)
         if nothing_to_do:
             return nothing_to_do
-        command = [Path(sys.argv[0]).name, *sys.argv[1:]]
+        from stride.provenance import launch_command
+
+        command = launch_command()
         if local:
             previous = run_dir.read_status().get("world_size") or 1
-            world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc) if nproc else previous
+            world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc) if nproc is not None else previous
             if gpus:
                 config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
+            plan = _container_plan(config, gpus_requested=world if gpus else 0, for_submit=False)
+            if plan is None:
+                _check_visible_gpus(config, gpus)
             resume_lib.record_resume(run_dir, config, changes, "local", command)
+            _record_container(run_dir, plan)
             print(f"stride: resuming {run_dir.path} on this machine ({world} process(es))", file=sys.stderr)
-            return _train_here(run_dir, world)
+            return _train_here(run_dir, world, plan.argv if plan else None)
         from stride import launch
 
-        params = launch.preflight_slurm(config)
+        plan = _container_plan(config, gpus_requested=config["slurm"]["gpus_per_node"], for_submit=True)
+        python = plan.shell if plan else None
+        params = launch.preflight_slurm(config, python)
         resume_lib.record_resume(run_dir, config, changes, "slurm", command)
-        run_dir, job_id = launch.submit_run(config, params, run=run_dir)
+        _record_container(run_dir, plan)
+        run_dir, job_id = launch.submit_run(config, params, python, run=run_dir)
         return f"submitted job {job_id}\nresuming run folder: {run_dir.path}"
 
     def status(self, target: str = ".", work_dir: Optional[str] = None, sort: Optional[str] = None) -> str:
@@ -258,6 +308,8 @@ class StrideCLI:
         from stride import status as status_lib
         from stride.rundir import RunDir, find_run, list_runs
 
+        if sort is not None and not isinstance(sort, str):
+            raise StrideError("--sort needs a metric name, e.g. --sort test_accuracy")
         path = Path(target)
         if work_dir is not None or RunDir(path).exists():
             run = find_run(target, work_dir)
@@ -410,11 +462,12 @@ def _train_here(run: Any, world: int, python: Optional[Sequence[str]] = None) ->
     return _summary(run, results)
 
 
-def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None, final: Optional[dict] = None
-                   ) -> tuple[Any, list[dict]]:
+def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None, final: Optional[dict] = None,
+                   check: bool = True) -> tuple[Any, list[dict]]:
     """(sweep, one resolved config per point); a plain command line is a sweep of one point with no axes.
 
-    Every point is resolved and validated here, before anything is written.
+    Every point is resolved and validated here, before anything is written; with `check`, a sweep's plug-ins are
+    also checked here on the host, unless they run in a container (whose preflight checks them inside the image).
     """
     from stride import sweep as sweep_lib
 
@@ -424,10 +477,18 @@ def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None, final: Op
                for point in sweep.points()]
     if sweep.axes:
         config_lib.require_work_dir(configs[0])
-        from stride.trainer import check_plugins
+        swept_container = [key for key in sweep.keys if key.startswith("container.")]
+        if swept_container:
+            raise StrideError(f"{swept_container[0]} cannot be swept: every point of a sweep runs in the same image; "
+                              f"submit one sweep per image")
+        if configs[0].get("run"):
+            raise StrideError(f"run={configs[0]['run']} names one run, but this sweep makes {sweep.size}: leave run "
+                              f"unset and every point gets the next free number")
+        if check and not configs[0]["container"]["image"]:
+            from stride.trainer import check_plugins
 
-        for config in configs:
-            check_plugins(config)
+            for config in configs:
+                check_plugins(config)
     return sweep, configs
 
 
@@ -531,6 +592,22 @@ def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: 
     return "\n".join(lines)
 
 
+def _check_visible_gpus(config: dict, gpus: int) -> None:
+    """A local run that asks for GPUs this machine does not show fails here, before its folder exists."""
+    if not gpus and not str(config["device"]).startswith("cuda"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    wanted = max(gpus, 1)
+    if visible < wanted:
+        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise StrideError(f"{f'--gpus {gpus}' if gpus else 'device=' + config['device']} asks for {wanted} GPU(s) but "
+                          f"this machine shows {visible}"
+                          + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
+                          + ": use fewer, or --nproc N for processes on the CPU")
+
+
 def _container_flag(image: Any) -> dict:
     """--container IMAGE -> the config's container.image (the flag wins over every config layer)."""
     return {} if image is None else {"container": {"image": str(image)}}
@@ -541,8 +618,6 @@ def _container_plan(config: dict, gpus_requested: int, for_submit: bool) -> Any:
     command every rank starts with; None without one."""
     if not config["container"]["image"]:
         return None
-    import os
-
     from stride import container_check
 
     plan = container_check.prepare(config, gpus_requested, for_submit)
@@ -575,6 +650,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     try:
         words = normalise_argv(sys.argv[1:] if argv is None else argv)
+        check_words(words)
         # An instance, not the class: Fire's completion script would otherwise offer a `--self` flag everywhere.
         fire.Fire(StrideCLI(), command=words, name="stride")
     except StrideError as exc:
@@ -582,3 +658,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise SystemExit(EXIT_USER_ERROR) from None
     except fire.core.FireExit as exc:
         raise SystemExit(exc.code) from None
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (the first one checkpoints and stops)
+        print("stride: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # `stride status | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(0) from None

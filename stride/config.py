@@ -5,6 +5,7 @@ The resolved config is a plain JSON-ready dict: it is what `config.json` holds a
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import json
@@ -62,6 +63,8 @@ class TrainingKwargs:
     """Deterministic algorithms and seeded workers: bitwise-reproducible runs, somewhat slower."""
     log_every_steps: int = 50
     """Read the on-device loss and write a metrics line every N optimizer steps (no per-step host sync)."""
+    stop_check_seconds: float = 5.0
+    """With several ranks, how often (about) they agree on stop requests and checkpoint deadlines (0: every step)."""
     best_metric: Optional[str] = None
     """Validation metric that picks the best weights; None means val_accuracy (classification) or val_loss."""
     best_mode: str = "auto"
@@ -156,7 +159,6 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "device": ("auto", "cpu", "cuda"),
     "training_kwargs.optimizer": ("sgd", "adam", "adamw"),
     "training_kwargs.scheduler": ("constant", "cosine"),
     "training_kwargs.precision": ("fp32", "bf16", "fp16"),
@@ -173,6 +175,7 @@ POSITIVE = {
 NON_NEGATIVE = {
     "load_data_kwargs.num_workers", "training_kwargs.weight_decay", "training_kwargs.warmup_steps",
     "training_kwargs.checkpoint_every_steps", "training_kwargs.checkpoint_every_minutes",
+    "training_kwargs.stop_check_seconds",
     "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.max_timeout_requeues", "slurm.signal_delay_s",
     "slurm.max_crash_requeues",
 }
@@ -180,6 +183,10 @@ NON_NEGATIVE = {
 FREE_FORM = {"dataset_kwargs", "model_kwargs"}
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)\Z")
+# Sections whose strings end up in the sbatch script or a rank's command line: one line each, no NUL.
+SHELL_BOUND = ("slurm", "container")
+_CONTROL = re.compile(r"[\x00\n\r]")
 
 
 def defaults() -> dict:
@@ -199,8 +206,11 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping"
+    if origin in (list, tuple, collections.abc.Sequence):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s" if len(args) == 1 else "a list"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", list: "a list",
-            dict: "a mapping"}.get(origin or tp, str(tp))
+            tuple: "a list", dict: "a mapping"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
 
 
 def parse_value(text: str) -> Any:
@@ -228,10 +238,17 @@ def parse_override(item: str) -> tuple[str, Any]:
 def load_yaml_file(path: Union[str, Path]) -> dict:
     """Read one YAML config file; every failure is one ConfigError line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder, not a YAML file: name the file inside it")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist: check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}): is it really a YAML "
+                          f"file?") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -252,6 +269,11 @@ def _known_keys(cls: type = Config, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             keys.extend(_known_keys(tp, full + "."))
     return keys
+
+
+def known_keys() -> list[str]:
+    """Every dotted key the schema knows (sections and their fields)."""
+    return _known_keys()
 
 
 def _suggest_key(dotted: str) -> str:
@@ -310,37 +332,52 @@ def merge_layer(tree: dict, layer: Mapping, problems: list[str]) -> None:
         _set_dotted(tree, key, value, problems)
 
 
-def _check_value(key: str, value: Any, tp: Any, problems: list[str]) -> Any:
-    """Type-check one leaf against its declared type; returns the value, coerced where lossless."""
+def _matches(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(does `value` fit the declared type `tp`, the value coerced where lossless). Unknown types always fit."""
     origin = typing.get_origin(tp)
     if origin is Union:
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        origin = typing.get_origin(tp)
+        for arg in typing.get_args(tp):
+            ok, coerced = _matches(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
     expected = origin or tp
-    ok = True
+    if expected is type(None):
+        return value is None, value
     if expected is float:
         if isinstance(value, str) and _NUMBER.match(value.strip()):
             value = float(value)  # YAML 1.1 reads `3e-4` as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            ok = False
-        else:
-            value = float(value)
-    elif expected is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif expected is bool:
-        ok = isinstance(value, bool)
-    elif expected is str:
-        ok = isinstance(value, str)
-    elif expected is list:
-        ok = isinstance(value, list)
-    elif expected is dict:
-        ok = isinstance(value, dict)
+            return False, value
+        return True, float(value)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if expected is bool:
+        return isinstance(value, bool), value
+    if expected is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, str(value)  # `run: 5` in YAML names run "5"
+        return isinstance(value, str), value
+    if expected in (list, tuple, collections.abc.Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if len(args) == 1:  # list[int], Sequence[int], tuple[int, ...]: every item
+            items = [_matches(item, args[0]) for item in value]
+            return all(ok for ok, _ in items), [item for _, item in items]
+        return True, value
+    if expected is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+def check_value(key: str, value: Any, tp: Any, problems: list[str]) -> Any:
+    """Type-check one leaf against its declared type; returns the value, coerced where lossless."""
+    ok, coerced = _matches(value, tp)
     if not ok:
         problems.append(f"config key '{key}' got {json.dumps(value, default=str)} ({type(value).__name__}); "
                         f"expected {_describe(tp)}")
-    return value
+    return coerced
 
 
 def _validate_section(data: dict, cls: type, prefix: str, problems: list[str]) -> None:
@@ -353,14 +390,16 @@ def _validate_section(data: dict, cls: type, prefix: str, problems: list[str]) -
             _validate_section(data[name], tp, key + ".", problems)
             continue
         before = len(problems)
-        data[name] = _check_value(key, data.get(name), tp, problems)
+        data[name] = check_value(key, data.get(name), tp, problems)
         if len(problems) > before:
             continue
         value = data[name]
+        if key == "device" and not _DEVICE.match(value):
+            problems.append(f"config key 'device' got '{value}'; expected auto, cpu, cuda, cuda:N or mps"
+                            f"{did_you_mean(value, ('auto', 'cpu', 'cuda', 'mps'))}")
         if key in CHOICES and value is not None:
             allowed = CHOICES[key]
-            base = value.split(":")[0] if key == "device" else value
-            if base not in allowed:
+            if value not in allowed:
                 problems.append(f"config key '{key}' got '{value}'; expected one of {', '.join(allowed)}"
                                 f"{did_you_mean(str(value), allowed)}")
         if value is not None and key in POSITIVE and value <= 0:
@@ -369,10 +408,42 @@ def _validate_section(data: dict, cls: type, prefix: str, problems: list[str]) -
             problems.append(f"config key '{key}' got {value}; expected zero or more")
 
 
+def _line_breaks(value: Any, key: str) -> list[str]:
+    """A line break in a value bound for the sbatch script would end its `#SBATCH` line and start a shell line."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _line_breaks(str(k), f"{key} (a key)") + _line_breaks(v, f"{key}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _line_breaks(v, f"{key}[{i}]")]
+    if isinstance(value, str) and _CONTROL.search(value):
+        return [f"config key '{key}' holds a line break or NUL ({json.dumps(value)}): these values go into the sbatch "
+                f"script and command lines, one line each (give several items instead)"]
+    return []
+
+
+def declared_type(dotted: str) -> Any:
+    """The schema's type of a dotted key, or None for keys inside free-form sections."""
+    cls: Any = Config
+    tp = None
+    for part in dotted.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        tp = _field_types(cls).get(part)
+        cls = tp
+    return tp
+
+
+def _takes_text(dotted: str) -> bool:
+    tp = declared_type(dotted)
+    return tp is str or (typing.get_origin(tp) is Union and str in typing.get_args(tp))
+
+
 def validate(config: dict) -> dict:
     """Check every key and type, raising one ConfigError that lists every problem."""
     problems: list[str] = []
     _validate_section(config, Config, "", problems)
+    for section in SHELL_BOUND:
+        if isinstance(config.get(section), dict):
+            problems.extend(_line_breaks(config[section], section))
     if isinstance(config.get("container"), dict):
         from stride.container import check_section
 
@@ -411,6 +482,9 @@ def resolve(
     """
     problems: list[str] = []
     parsed = [parse_override(item) for item in overrides]
+    # A text key keeps the text as typed: `run=007` names run "007", not 7.
+    parsed = [(key, item.partition("=")[2].strip() if isinstance(value, (int, float)) and not isinstance(value, bool)
+               and _takes_text(key) else value) for (key, value), item in zip(parsed, overrides)]
     file_layers = [load_yaml_file(path) for path in files]
     config = copy.deepcopy(dict(base)) if base is not None else defaults()
     if profile is not None:

@@ -169,8 +169,16 @@ def _apptainer(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
     for bind in binds:
         argv += ["--bind", bind.spec()]
     for name, value in spec.env:
-        argv += ["--env", f"{name}={value}"]
+        argv += ["--env", f"{name}={_apptainer_literal(name, value)}"]
     return [*argv, *spec.runtime_args, spec.image, spec.python]
+
+
+def _apptainer_literal(name: str, value: str) -> str:
+    """Apptainer expands `--env` values as a shell would inside double quotes (`$(id)` runs!): escape `\\`, `$` and
+    backquotes so the rank sees the value as written, as in every other runtime."""
+    if value.endswith('"'):  # Apptainer drops a trailing double quote, escaped or not
+        raise ConfigError(f"container.env.{name} ends with '\"', which Apptainer drops: end the value otherwise")
+    return value.replace("\\", "\\\\").replace("$", "\\$").replace("`", "\\`")
 
 
 def _oci(spec: ContainerSpec, binds: Sequence[Bind], uid: int, gid: int) -> list[str]:
@@ -208,6 +216,8 @@ def _charliecloud(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
             raise ConfigError(f"container bind '{bind.spec()}': Charliecloud mounts binds read-write only; drop "
                               f"':ro' or use another runtime")
         argv += ["-b", f"{bind.src}:{bind.dst}"]
+    if spec.env:
+        argv.append("--env-no-expand")  # values stay literal, as in every other runtime ($PATH is not expanded)
     for name, value in spec.env:
         argv.append(f"--set-env={name}={value}")
     # GPUs: ch-run shares the host's /dev; the driver's libraries enter the image once with `ch-fromhost --nvidia`.

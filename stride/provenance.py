@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional, Sequence
 
-from stride.rundir import RunDir, now_iso
+from stride.rundir import RunDir, atomic_write, now_iso
 
 GIT_TIMEOUT_S = 10
 
@@ -35,23 +35,66 @@ def _git(args: Sequence[str], cwd: Path) -> Optional[str]:
     return out.stdout if out.returncode == 0 else None
 
 
+UNTRACKED_FILE_LIMIT_BYTES = 1 << 20  # larger untracked files (data, weights) are listed by name, not copied
+
+
+def _untracked(cwd: Path, work_dir: Path) -> list[str]:
+    """Files git does not track yet, outside the experiment folder (runs are not code)."""
+    names = (_git(["ls-files", "--others", "--exclude-standard", "-z"], cwd) or "").split("\0")
+    work_dir = work_dir.resolve()
+    return [name for name in names if name and not (Path(cwd) / name).resolve().is_relative_to(work_dir)]
+
+
+def _untracked_diff(cwd: Path, root: Path, names: list[str]) -> tuple[str, list[str]]:
+    """New files (a plug-in module written this morning) as a patch; big ones (data, weights) by name only."""
+    patches, skipped = [], []
+    for name in names:
+        path = Path(cwd) / name
+        try:
+            too_big = path.stat().st_size > UNTRACKED_FILE_LIMIT_BYTES
+        except OSError:
+            continue
+        if too_big:
+            skipped.append(str(path.relative_to(root)) if path.is_relative_to(root) else name)
+            continue
+        # --no-index exits 1 when the files differ, which they always do here: read stdout whatever the code.
+        try:
+            out = subprocess.run(["git", "diff", "--no-index", "--binary", "--", "/dev/null", name], cwd=cwd,
+                                 capture_output=True, text=True, timeout=GIT_TIMEOUT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        patches.append(out.stdout)
+    return "".join(patches), skipped
+
+
 def git_state(cwd: Path, run_dir: RunDir) -> Optional[dict]:
-    """Commit of the code the run was launched from; a dirty tree's diff is saved beside the config."""
+    """Commit of the code the run was launched from; a dirty tree's diff (new files too) is saved beside the config."""
     commit = _git(["rev-parse", "HEAD"], cwd)
     if commit is None:
         return None
     root = (_git(["rev-parse", "--show-toplevel"], cwd) or "").strip()
-    dirty = bool((_git(["status", "--porcelain", "--untracked-files=no"], cwd) or "").strip())
+    new_files = _untracked(cwd, run_dir.path.parent)
+    dirty = bool(new_files or (_git(["status", "--porcelain", "--untracked-files=no"], cwd) or "").strip())
     state = {"commit": commit.strip(), "root": root, "dirty": dirty}
     if dirty:
-        diff = _git(["diff", "HEAD"], cwd) or ""
-        run_dir.git_diff_file.write_text(diff)
+        untracked, skipped = _untracked_diff(cwd, Path(root or cwd), new_files)
+        diff = (_git(["diff", "HEAD", "--binary"], cwd) or "") + untracked
+        atomic_write(run_dir.git_diff_file, lambda handle: handle.write(diff))
         state["diff_file"] = run_dir.git_diff_file.name
+        if skipped:
+            state["untracked_not_saved"] = skipped
     return state
 
 
+def launch_command() -> list[str]:
+    """This process's command line as the user typed it (`python -m stride ...` shows as such, not __main__.py)."""
+    if Path(sys.argv[0]).name == "__main__.py":
+        return [Path(sys.executable).name, "-m", Path(sys.argv[0]).parent.name, *sys.argv[1:]]
+    return [Path(sys.argv[0]).name, *sys.argv[1:]]
+
+
 def collect_metadata(run_dir: RunDir, command: Optional[Sequence[str]] = None) -> dict:
-    argv = list(command) if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]
+    argv = list(command) if command is not None else launch_command()
     cwd = Path.cwd()
     return {
         "command": shlex.join(argv),

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import typing
 from typing import Any, Callable, Mapping
 
+from stride.config import check_value
 from stride.errors import ConfigError, did_you_mean
 
 _REGISTRIES: dict[str, dict[str, Callable[..., Any]]] = {"model": {}, "dataset": {}}
@@ -37,11 +39,15 @@ def _import_path(kind: str, path: str) -> Callable[..., Any]:
     module_name, sep, attr = path.partition(":")
     if not sep:
         module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr or module_name.startswith("."):
+        raise ConfigError(f"{kind} '{path}' is not an import path: write it as 'my_pkg.module:{kind.title()}Name'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{kind} '{path}' cannot be imported: {exc}; check the module path and that its "
                           f"package is installed or on PYTHONPATH") from None
+    except Exception as exc:  # the user's module itself is broken: say where, in one line
+        raise ConfigError(f"{kind} '{path}': importing module '{module_name}' raised {_one_line(exc)}") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -51,6 +57,22 @@ def _import_path(kind: str, path: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ConfigError(f"{kind} '{path}' is not a class or function")
     return obj
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _declared_types(target: Callable[..., Any]) -> dict[str, Any]:
+    """Parameter annotations of a function or a class's __init__ (strings resolved); {} when they cannot be read."""
+    function = target.__init__ if inspect.isclass(target) else target
+    try:
+        return typing.get_type_hints(function)
+    except Exception:  # unresolvable annotations: fall back to the defaults' types
+        return {}
 
 
 def resolve(kind: str, name: str) -> Callable[..., Any]:
@@ -83,6 +105,17 @@ def check_kwargs(kind: str, name: str, target: Callable[..., Any], kwargs: Mappi
         key = unknown[0]
         raise ConfigError(f"unknown config key '{section}.{key}' for {kind} '{name}'"
                           f"{did_you_mean(key, valid)}; valid keys: {', '.join(valid) or '(none)'}")
+    problems: list[str] = []
+    hints = _declared_types(target)
+    for key, value in kwargs.items():
+        declared = hints.get(key)
+        default = params[key].default
+        if declared is None and type(default) in (int, float, bool, str):
+            declared = type(default)  # unannotated: a value must have the type of the default
+        if declared is not None:
+            check_value(f"{section}.{key}", value, declared, problems)
+    if problems:
+        raise ConfigError(f"{'; '.join(problems)} (for {kind} '{name}')")
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty
                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in kwargs and n not in provided]
     if missing:

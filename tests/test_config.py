@@ -44,12 +44,55 @@ def test_free_form_sections_take_nested_keys():
     assert resolved["model_kwargs"] == {"model_name": "MLP", "hidden": [32, 16]}
 
 
+def test_text_keys_keep_numbers_as_typed():
+    resolved = config.resolve(overrides=["work_dir=2024", "run=007"])
+    assert resolved["run"] == "007" and resolved["work_dir"].endswith("/2024")
+    assert config.resolve(layers=[{"run": 5}])["run"] == "5"
+
+
+def test_plugin_arguments_are_type_checked_against_the_signature():
+    from stride.trainer import check_plugins
+
+    for override, message in [
+        ("model_kwargs.channels=abc", "config key 'model_kwargs.channels' got \"abc\" (str); expected a list of "
+                                      "integers (for model 'CNN')"),
+        ("model_kwargs.dropout=true", "config key 'model_kwargs.dropout' got true (bool); expected a number"),
+        ("dataset_kwargs.split_seed=1.5", "config key 'dataset_kwargs.split_seed' got 1.5 (float); expected an "
+                                          "integer (for dataset 'digits')"),
+        ("model_kwargs.model_name=:Net", "model ':Net' is not an import path"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            check_plugins(config.resolve(overrides=[override]))
+        assert message in str(info.value), override
+    check_plugins(config.resolve(overrides=["model_kwargs.channels=[8,16]", "model_kwargs.dropout=0"]))
+
+
+def test_a_broken_user_module_is_one_line(tmp_path, monkeypatch):
+    from stride.trainer import check_plugins
+
+    (tmp_path / "broken_plugin.py").write_text("import torch\nraise RuntimeError('no GPU driver\\nmore')\n")
+    (tmp_path / "bad_syntax.py").write_text("def f(:\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"model 'broken_plugin:Net': importing module 'broken_plugin' raised "
+                                          r"RuntimeError: no GPU driver$"):
+        check_plugins(config.resolve(overrides=["model_kwargs.model_name=broken_plugin:Net"]))
+    with pytest.raises(ConfigError, match=r"raised SyntaxError: invalid syntax \(.*bad_syntax.py, line 1\)"):
+        check_plugins(config.resolve(overrides=["model_kwargs.model_name=bad_syntax:Net"]))
+
+
 @pytest.mark.parametrize("override, message", [
     ("training_kwargs.lrr=1", "unknown config key 'training_kwargs.lrr' (did you mean 'training_kwargs.lr'"),
     ("epochs=3", "did you mean 'training_kwargs.epochs'"),
     ("training_kwargs.epochs=ten", "config key 'training_kwargs.epochs' got \"ten\" (str); expected an integer"),
     ("training_kwargs.compile=1", "expected true/false"),
-    ("device=tpu", "expected one of auto, cpu, cuda"),
+    ("device=tpu", "config key 'device' got 'tpu'; expected auto, cpu, cuda, cuda:N or mps"),
+    ("device=auto:1", "config key 'device' got 'auto:1'"),
+    ("device=cuda:x", "config key 'device' got 'cuda:x'"),
+    ("run=[1]", "config key 'run' got [1] (list); expected a string or null"),
+    ('slurm.sbatch_args={"comment": "x\\ntouch /tmp/pwned #"}', "config key 'slurm.sbatch_args.comment' holds a line "
+                                                                 "break"),
+    ('slurm.setup=["module load x", "a\\rb"]', "config key 'slurm.setup[1]' holds a line break"),
+    ('container.env={"A": "x\\ny"}', "config key 'container.env.A' holds a line break"),
     ("training_kwargs.optimizer=adamm", "did you mean 'adam'"),
     ("load_data_kwargs.batch_size=0", "expected a positive value"),
     ("run=../escape", "run name '../escape' is not allowed"),

@@ -20,7 +20,7 @@ from slurm_helpers import (job_state, needs_slurm, run_status, squeue_ids, submi
                            wait_gone)
 
 from stride import config as config_lib
-from stride import container
+from stride import container, container_check
 
 pytestmark = pytest.mark.container
 GOLDEN = Path(__file__).parent / "golden"
@@ -160,6 +160,22 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest()
+
+
+@needs_images
+@pytest.mark.parametrize("runtime", ["charliecloud", "apptainer", "docker", "podman"])
+def test_environment_values_reach_the_rank_literally(tmp_path, runtime):
+    """container.env means the same in every runtime: no runtime expands `$PATH` or splits at `;`."""
+    image = {"apptainer": SIF, "docker": DOCKER_IMAGE}.get(runtime, IMAGE_DIR)
+    value = AWKWARD_SECTION["env"]["MSG"] + " `id` $(id) \\$HOME \\"
+    section = dict(config_lib.defaults()["container"], image=image, env={"MSG": value})
+    spec = container.make_spec(section, runtime, gpus=False)
+    argv = container.build_command(spec, str(tmp_path), os.getuid(), os.getgid())
+    env = dict(os.environ, **container_check.runtime_env(spec))
+    proc = subprocess.run([*argv, "-c", "import os; print(os.environ['MSG'])"], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip("\n") == value
 
 
 # ----------------------------------------------------------------------------------------------- preflight

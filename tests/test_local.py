@@ -104,9 +104,20 @@ def test_failing_rank_fails_the_run(tmp_path, stride):
     (["local", "work_dir=exp", "model_kwargs.depth=3"], "unknown config key 'model_kwargs.depth' for model 'CNN'"),
     (["local", "work_dir=exp", "run=../../etc"], "is not allowed"),
     (["local", "work_dir=exp", "--nproc", "0"], "--nproc must be a positive integer"),
+    (["local", "work_dir=exp", "--epochs", "3"], "unknown option --epochs for `stride local` (did you mean the "
+                                                 "setting training_kwargs.epochs=...?)"),
+    (["local", "work_dir=exp", "--nporc=2"], "unknown option --nporc for `stride local` (did you mean '--nproc'?)"),
+    (["lcoal", "work_dir=exp"], "unknown command 'lcoal' (did you mean 'local'?)"),
+    (["local", "work_dir=exp", "binary.yaml"], "is not UTF-8 text"),
+    (["local", "work_dir=exp", "model_kwargs.channels=wide"], "expected a list of integers (for model 'CNN')"),
+    (["local", "work_dir=exp", "device=auto:1"], "config key 'device' got 'auto:1'"),
+    (["local", "work_dir=exp", "--gpus", "64"], "--gpus 64 asks for 64 GPU(s) but this machine shows"),
+    (["local", "work_dir=exp", "run=x", "training_kwargs.lr=1e-3,1e-2"], "run=x names one run, but this sweep "
+                                                                          "makes 2"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_folder(tmp_path, stride, args, message):
     (tmp_path / "bad.yaml").write_text("training_kwargs: {epochs: 3\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     proc = stride(*args, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
