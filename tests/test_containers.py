@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_json, run_stride
+from conftest import REPO, read_json, run_stride, start_stride
 from slurm_helpers import (job_state, needs_slurm, run_status, squeue_ids, submitted, train_step, wait_for,
                            wait_gone)
 
@@ -268,6 +269,29 @@ def test_stride_local_runs_every_rank_in_the_container(tmp_path, host_local_run,
         assert recorded["digest"] == inspected
     else:
         assert recorded["digest_kind"].startswith("sha256 of the image folder")
+
+
+@needs_images
+def test_a_stopped_container_run_resumes_in_its_container(tmp_path):
+    """`stride resume --local` runs the ranks in the image the run recorded, not on the host."""
+    proc = start_stride("local", "work_dir=exp", "--container", IMAGE_DIR, "--nproc", "2", "training_kwargs.epochs=30",
+                        "load_data_kwargs.batch_size=16", "training_kwargs.log_every_steps=10", cwd=tmp_path)
+    run = tmp_path / "exp" / "0"
+    try:
+        wait_for(lambda: train_step(run) >= 20 or proc.poll() is not None, 240, 0.2, what="the run to train 20 steps")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert read_json(run / "status.json")["state"] == "stopped"
+    resumed = run_stride("resume", str(run), "--local", cwd=tmp_path, check=True)
+    assert "test_accuracy=" in resumed.stdout
+    for rank in range(2):
+        starts = [line.split(" INFO ", 1)[1] for line in rank_lines(run, rank) if " INFO python " in line]
+        assert starts == [IMAGE_PYTHON, IMAGE_PYTHON]  # the first start and the resumed one
+        assert "resumed from" in (run / "logs" / f"rank_{rank}.log").read_text()
+    assert read_json(run / "status.json")["state"] == "completed"
 
 
 # ---------------------------------------------------------------------------------------------- SLURM
