@@ -298,6 +298,9 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
         label = {"mlp": "MLP, overhead-sensitive", "cnn": "CNN, the default"}[name]
         rows.append(Row(f"{label}: training steps/s", spread(raw, ",.0f"), spread(mine, ",.0f"),
                         spread(ratios, ".3f"), f"≥ {minimum}", med(ratios) >= minimum))
+        unit = "images" if name == "cnn" else "samples"
+        rows.append(Row(f"{label}: training {unit}/s", spread([p["raw"]["samples_per_s"] for p in pairs], ",.0f"),
+                        spread([p["stride"]["samples_per_s"] for p in pairs], ",.0f"), ""))
         fit_ratios = [p["raw"]["fit_s"] / p["stride"]["fit_s"] for p in pairs]
         rows.append(Row(f"{label}: whole fit() incl. setup and test, s", spread([p["raw"]["fit_s"] for p in pairs], ".2f"),
                         spread([p["stride"]["fit_s"] for p in pairs], ".2f"), spread(fit_ratios, ".3f") + " (speed)"))

@@ -20,6 +20,9 @@ TEMPLATES="$HERE/templates"
 STATE="${STRIDE_SLURM_DIR:-/tmp/stride-slurm}"
 NODES="${STRIDE_SLURM_NODES:-2}"
 GPUS_PER_NODE="${STRIDE_SLURM_GPUS:-2}"     # fake GPUs (gres); 0 disables
+# Bound on each MariaDB tool call (datadir set-up, the accounting grants):
+# a wedged mariadbd must fail `up`, never hang it.
+DB_TIMEOUT_S="${STRIDE_SLURM_DB_TIMEOUT_S:-120}"
 
 CTL_NAME=stride-ctl
 CTL_ADDR=127.0.0.10
@@ -197,7 +200,13 @@ write_config() {
   fi
   chmod 600 "$tmp/slurmdbd.conf" "$tmp/my.cnf"
   chmod 644 "$tmp/slurm.conf" "$tmp/gres.conf" "$tmp/hosts"
-  mv -f "$tmp"/* "$STATE/etc/"; rmdir "$tmp"
+  # Replace only what changed: running daemons have etc/hosts bind-mounted over /etc/hosts, and a new inode
+  # would leave them a deleted file (ch-run then refuses to bind it into an image).
+  local f
+  for f in "$tmp"/*; do
+    cmp -s "$f" "$STATE/etc/${f##*/}" || mv -f "$f" "$STATE/etc/"
+  done
+  rm -rf "$tmp"
   write_env_sh
 }
 
@@ -261,17 +270,18 @@ start_mariadb() {
   if [[ ! -d $STATE/mysql/data/mysql ]]; then
     log "initialising MariaDB datadir"
     rm -rf "$STATE/mysql/data"
-    mariadb-install-db --defaults-file="$cnf" --auth-root-authentication-method=socket \
+    timeout "$DB_TIMEOUT_S" mariadb-install-db --defaults-file="$cnf" --auth-root-authentication-method=socket \
       --skip-test-db >>"$STATE/log/mariadb-install.log" 2>&1 \
-      || die_with_log mariadb-install-db "$STATE/log/mariadb-install.log"
+      || die_with_log "mariadb-install-db (bounded by ${DB_TIMEOUT_S}s)" "$STATE/log/mariadb-install.log"
   fi
   log "starting mariadbd"
   # mariadbd stays in the foreground: detach it ourselves.
   setsid mariadbd --defaults-file="$cnf" </dev/null >>"$logf" 2>&1 9>&- &
-  wait_for 60 "mariadbd ping" mariadb-admin --defaults-file="$cnf" -uroot ping \
+  wait_for 60 "mariadbd ping" timeout 10 mariadb-admin --defaults-file="$cnf" -uroot ping \
     || die_with_log mariadbd "$logf"
   wait_for 5 "mariadbd pid file" pid_alive "$pidf" mariadbd || die_with_log mariadbd "$logf"
-  mariadb --defaults-file="$cnf" -uroot <<EOF
+  timeout "$DB_TIMEOUT_S" mariadb --defaults-file="$cnf" -uroot >>"$logf" 2>&1 <<EOF \
+    || die_with_log "mariadb (the accounting grants, bounded by ${DB_TIMEOUT_S}s)" "$logf"
 CREATE DATABASE IF NOT EXISTS stride_slurm_acct;
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$(<"$STATE/mysql/slurm.pass")';
 GRANT ALL ON stride_slurm_acct.* TO 'slurm'@'localhost';

@@ -1,8 +1,9 @@
-"""Complete-or-absent checkpoints: step-numbered files, a `latest` pointer, background writes, safe loading.
+"""Complete-or-absent, verified checkpoints: step-numbered files, a `latest` pointer, background writes, safe loading.
 
-A checkpoint is snapshotted to host memory on the training thread (cheap), then written by a background thread to a
-temporary name, fsynced and renamed; only then does `latest` move. A process killed at any moment leaves `latest`
-naming a whole file, and loading falls back to the previous file if the newest one is unreadable anyway.
+A checkpoint is copied to host memory on the training thread (cheap), then written by a background thread to a
+temporary name, fsynced and renamed, with its size and CRC32 in a sidecar; only then does `latest` move. A process
+killed at any moment leaves `latest` naming a whole file; a file that fails its checksum or does not load is moved
+aside (`.corrupt`) in favour of the previous one, and never counted again when old files are pruned.
 """
 from __future__ import annotations
 
@@ -18,24 +19,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from stride import checkpoint_files
+from stride.checkpoint_files import LATEST  # noqa: F401  (re-exported)
+from stride.errors import RunError
 from stride.logs import get_logger
 from stride.rundir import atomic_write
 
-from stride import checkpoint_files
-from stride.checkpoint_files import LATEST, looks_complete  # noqa: F401  (re-exported)
-
 HISTORY_LENGTH = 100
-
-
-def snapshot(state: Any) -> Any:
-    """A deep copy with every tensor on the CPU, safe to write while training mutates the originals."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {key: snapshot(value) for key, value in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(snapshot(value) for value in state)
-    return state
 
 
 class HostStaging:
@@ -119,9 +109,10 @@ _crc32_setting = True
 @contextlib.contextmanager
 def _without_crc32() -> Iterator[None]:
     """torch.save computes a CRC32 per record by default, in software at ~0.7 GB/s (slower than an NVMe disk), and
-    torch.load never checks it: a flipped byte loads silently either way. Completeness comes from fsync-then-rename,
-    so stride's own saves skip it. The switch is process-wide (torch.serialization.set_crc32_options): a count of
-    concurrent saves restores the previous setting when the last one ends."""
+    torch.load never checks it: a flipped byte loads silently either way. stride checksums the whole file itself as
+    it is written (zlib, ~4 GB/s) and checks that on load, so its own saves skip torch's. The switch is process-wide
+    (torch.serialization.set_crc32_options): a count of concurrent saves restores the previous setting when the last
+    one ends."""
     global _crc32_users, _crc32_setting
     with _crc32_lock:
         if _crc32_users == 0:
@@ -137,10 +128,17 @@ def _without_crc32() -> Iterator[None]:
                 torch.serialization.set_crc32_options(_crc32_setting)
 
 
-def save_file(state: Any, path: Path) -> None:
-    """torch.save through a temporary name, fsync and rename."""
+def save_file(state: Any, path: Path) -> tuple[int, int]:
+    """torch.save through a temporary name, fsync and rename; returns (bytes, CRC32) of what was written."""
+    counted: list[checkpoint_files.Crc32Writer] = []
+
+    def write(handle: Any) -> None:
+        counted.append(checkpoint_files.Crc32Writer(handle))
+        torch.save(state, counted[0])
+
     with _without_crc32():
-        atomic_write(path, lambda handle: torch.save(state, handle), mode="wb")
+        atomic_write(path, write, mode="wb")
+    return counted[0].num_bytes, counted[0].crc32
 
 
 def load_file(path: Path, map_location: Any = "cpu") -> Any:
@@ -149,9 +147,10 @@ def load_file(path: Path, map_location: Any = "cpu") -> Any:
 
 
 class BackgroundWriter:
-    """Runs file writes in order on one thread, so the training thread never waits for an fsync (a status update, the
-    best weights). Hand it copies (`snapshot`), never live tensors. `wait()` drains the queue and re-raises the first
-    error on the caller's thread; after an error the remaining writes are skipped. `close()` ends the thread.
+    """Runs writes in order on one thread, so the training thread never waits for an fsync (checkpoints, status).
+
+    Hand it host copies, never live tensors. `wait()` drains the queue and re-raises the first error on the caller's
+    thread; after an error the remaining writes are skipped. `close()` ends the thread.
     """
 
     def __init__(self, name: str = "stride-writer"):
@@ -166,6 +165,10 @@ class BackgroundWriter:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
         self._queue.put((write, args, kwargs))
+
+    def busy(self) -> bool:
+        """True while a submitted write has not finished."""
+        return self._queue.unfinished_tasks > 0
 
     def wait(self) -> None:
         """Block until every submitted write is done; re-raise the first error here."""
@@ -213,8 +216,7 @@ class Checkpointer:
         self.background = background
         self.history: collections.deque[SaveRecord] = collections.deque(maxlen=HISTORY_LENGTH)
         self._staging = HostStaging()
-        self._thread: Optional[threading.Thread] = None
-        self._error: Optional[BaseException] = None
+        self._writer = BackgroundWriter("stride-checkpoint")
 
     def path_for(self, step: int) -> Path:
         return self.directory / checkpoint_files.step_file_name(step)
@@ -223,49 +225,61 @@ class Checkpointer:
         """Checkpoint files, newest first."""
         return checkpoint_files.step_files(self.directory)
 
-    def save(self, state: dict, step: int, wait: bool = False) -> None:
-        """Snapshot `state` now; write it in the background unless `wait` (or background writes are off)."""
+    def save(self, state: dict, step: int, wait: bool = False,
+             weights: Optional[tuple[Path, dict]] = None) -> None:
+        """Copy `state` to host memory now; write it in the background unless `wait` (or background writes are off).
+
+        `weights=(path, extra)` also writes `{"model": state["model"], **extra}` there (best.pt), from the same host
+        copy and before the checkpoint, so a checkpoint's record of the best weights never runs ahead of the file.
+        """
         record = SaveRecord(step=step, started=time.perf_counter())
         self.wait()  # the previous write holds the staging buffers until it is on disk
         host_state = self._staging.copy(state)
         record.stall_s = time.perf_counter() - record.started
         self.history.append(record)
         if not self.background or wait:
-            self._write(host_state, record)
-            return
-        self._thread = threading.Thread(target=self._write_guarded, args=(host_state, record),
-                                        name="stride-checkpoint", daemon=True)
-        self._thread.start()
+            self._write(host_state, record, weights)
+        else:
+            self._writer.submit(self._write, host_state, record, weights)
 
     def wait(self) -> None:
         """Block until the pending write is on disk; re-raise its error here, on the training thread."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._writer.wait()
 
-    def _write_guarded(self, state: dict, record: SaveRecord) -> None:
-        try:
-            self._write(state, record)
-        except BaseException as exc:  # surfaced by wait()
-            self._error = exc
+    def close(self) -> None:
+        """Finish the pending write and end the writer thread (re-raises its error)."""
+        self._writer.close()
 
-    def _write(self, state: dict, record: SaveRecord) -> None:
+    def _write(self, state: dict, record: SaveRecord, weights: Optional[tuple[Path, dict]] = None) -> None:
         start = time.perf_counter()
         self._staging.ready()
+        if weights is not None:
+            path, extra = weights
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"model": state["model"], **extra}, path)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record.step)
-        save_file(state, path)
+        # A sidecar left from an earlier attempt at this step would not match the new file if we die mid-way.
+        checkpoint_files.sidecar_for(path).unlink(missing_ok=True)
+        record.num_bytes, crc32 = save_file(state, path)
+        checkpoint_files.write_sidecar(path, record.num_bytes, crc32)
         atomic_write(self.directory / LATEST, lambda handle: handle.write(path.name + "\n"))
         record.written = time.perf_counter()
         record.write_s = record.written - start
-        record.num_bytes = path.stat().st_size
         get_logger().debug("checkpoint %s: %.1f MB written in %.3f s; training paused %.1f ms", path.name,
                            record.num_bytes / 1e6, record.write_s, record.stall_s * 1e3)
-        for old in self.step_files()[self.keep_last:]:
-            old.unlink(missing_ok=True)
+        self._prune(path)
+
+    def _prune(self, newest: Path) -> None:
+        """Keep `newest` (what `latest` names) and the `keep_last - 1` files just before it. Files numbered after it
+        are left from an attempt this run went back on (it resumed from an earlier file): they go too."""
+        step = checkpoint_files.step_of(newest)
+        older = [p for p in self.step_files() if checkpoint_files.step_of(p) < step]
+        keep = {newest, *older[: self.keep_last - 1]}
+        for old in self.step_files():
+            if old not in keep:
+                old.unlink(missing_ok=True)
+                checkpoint_files.sidecar_for(old).unlink(missing_ok=True)
 
     def remove_partial_writes(self) -> None:
         """Delete temporary files left by a writer that was killed mid-write (call only when no writer runs)."""
@@ -278,12 +292,44 @@ class Checkpointer:
         """Files to try, best first: the one `latest` names, then every other step file, newest first."""
         return checkpoint_files.candidates(self.directory)
 
-    def load_latest(self, map_location: Any = "cpu") -> Optional[tuple[dict, Path]]:
-        """The newest readable checkpoint and its path, or None when the folder holds none."""
+    def load(self, path: Path, map_location: Any = "cpu", verify: bool = True) -> dict:
+        """One checkpoint, checked against its sidecar first (unless not `verify`); raises RunError naming what is
+        wrong."""
+        state, problem = self._try_load(path, map_location, verify)
+        if problem is not None:
+            raise RunError(f"checkpoint {path} is {problem}")
+        return state
+
+    def _try_load(self, path: Path, map_location: Any, verify: bool = True) -> tuple[Any, Optional[str]]:
+        """(state, None), or (None, what is wrong with the file)."""
+        problem = checkpoint_files.problem(path) if verify else None
+        if problem is not None:
+            return None, problem
+        try:
+            return load_file(path, map_location), None
+        except Exception as exc:  # truncated, corrupt, or not a checkpoint
+            return None, f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+
+    def load_latest(self, map_location: Any = "cpu", move_aside: bool = False) -> Optional[tuple[dict, Path]]:
+        """The newest good checkpoint and its path, or None when the folder holds no checkpoint at all.
+
+        Bad files before the good one are skipped, and with `move_aside` (the run is about to write checkpoints
+        again) renamed `step_N.pt.corrupt`. When files exist but none loads, raise: restarting from step 0 would
+        silently throw the run away.
+        """
+        bad: list[tuple[Path, str]] = []
         for path in self.candidates():
-            try:
-                return load_file(path, map_location), path
-            except Exception as exc:  # truncated, corrupt, or not a checkpoint: fall back to an older one
-                get_logger().warning("checkpoint %s is unreadable (%s: %s); trying the previous one",
-                                     path.name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+            state, problem = self._try_load(path, map_location)
+            if problem is not None:
+                bad.append((path, problem))
+                get_logger().warning("checkpoint %s is %s; trying the previous one", path.name, problem)
+                continue
+            for bad_path, _ in bad if move_aside else ():
+                moved = checkpoint_files.move_aside(bad_path)
+                get_logger().warning("moved %s aside to %s", bad_path.name, moved.name)
+            return state, path
+        if bad:
+            problems = "; ".join(f"{path.name} is {reason}" for path, reason in bad)
+            raise RunError(f"no checkpoint in {self.directory} can be loaded ({problems}): restore a good copy, or "
+                           f"move the folder away to train the run again from step 0")
         return None

@@ -173,7 +173,7 @@ class StrideCLI:
           tasks_per_node: tasks per node for CPU jobs.
           cpus_per_task: CPU cores per task.
           mem: memory per node, in GB or with a unit (16G, 500M).
-          time: time limit, minutes or HH:MM:SS.
+          time: time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
           partition: SLURM partition.
           account: SLURM account.
           qos: SLURM quality of service.
@@ -246,7 +246,7 @@ class StrideCLI:
           tasks_per_node: SLURM tasks per node for CPU jobs.
           cpus_per_task: CPU cores per task.
           mem: memory per node (16G, 500M).
-          time: time limit, minutes or HH:MM:SS.
+          time: time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS.
           partition: SLURM partition.
           account: SLURM account.
           qos: SLURM quality of service.

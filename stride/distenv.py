@@ -20,6 +20,7 @@ from stride.errors import StrideError
 from stride.rundir import read_json, write_json
 
 POLL_INTERVAL_S = 0.05
+CONNECT_RETRY_S = 0.25
 
 
 @dataclass(frozen=True)
@@ -71,15 +72,38 @@ def detect() -> DistEnv:
     return DistEnv()
 
 
-def _wait_for_rendezvous(path: Path, timeout_s: float) -> dict:
+def _wait_for_rendezvous(path: Path, env: DistEnv, timeout_s: float) -> dict:
+    """Rank 0's published address and port, polled until `timeout_s` (the port is the kernel's pick: only rank 0
+    knows it)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         info = read_json(path)
         if isinstance(info, dict) and "port" in info:
             return info
         time.sleep(POLL_INTERVAL_S)
-    raise StrideError(f"rendezvous timed out after {timeout_s:.0f}s: rank 0 never published its address in {path}; "
-                      f"check rank 0's log (did it start? is the run folder on a filesystem all nodes share?)")
+    raise StrideError(f"rank {env.rank} on {env.hostname}: rendezvous timed out after {timeout_s:.0f}s: rank 0 "
+                      f"(MASTER_ADDR={env.master_addr}) never published its MASTER_PORT in {path}; check rank 0's "
+                      f"log (did it start? is the run folder on a filesystem all nodes share?)")
+
+
+def _first_connect(addr: str, port: int, deadline: float) -> Optional[str]:
+    """None once something accepts a TCP connection at addr:port, else the last error at the deadline.
+
+    torch's TCPStore client retries with a back-off past its own timeout (about twice it); this probe keeps the
+    rendezvous within init_timeout_s. Rank 0 publishes its port only once it listens, so a refusal means trouble.
+    """
+    error = "no connection attempt"
+    for _ in range(int((deadline - time.monotonic()) / CONNECT_RETRY_S) + 2):
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            break
+        try:
+            with socket.create_connection((addr, port), timeout=left_s):
+                return None
+        except OSError as exc:
+            error = str(exc) or type(exc).__name__
+        time.sleep(min(CONNECT_RETRY_S, max(0.0, deadline - time.monotonic())))
+    return error
 
 
 def init_process_group(env: DistEnv, backend: str, rendezvous_dir: Path, init_timeout_s: float,
@@ -106,14 +130,20 @@ def init_process_group(env: DistEnv, backend: str, rendezvous_dir: Path, init_ti
         write_json(rendezvous_file, {"addr": env.master_addr, "port": port, "host": env.hostname,
                                      "pid": os.getpid(), "world_size": env.world_size})
     else:
-        info = _wait_for_rendezvous(rendezvous_file, init_timeout_s)
+        # The whole rendezvous (waiting for rank 0's address, then connecting) stays within init_timeout_s.
+        deadline = time.monotonic() + init_timeout_s
+        info = _wait_for_rendezvous(rendezvous_file, env, init_timeout_s)
         port = int(info["port"])
+        refused = _first_connect(info["addr"], port, deadline)
         try:
+            if refused is not None:
+                raise RuntimeError(refused)
             store = dist.TCPStore(info["addr"], port, env.world_size, is_master=False, timeout=store_timeout)
         except Exception as exc:
             raise StrideError(f"rank {env.rank} could not reach the rendezvous at MASTER_ADDR={info['addr']} "
                               f"MASTER_PORT={port} within {init_timeout_s:.0f}s: {str(exc).splitlines()[0]}; "
-                              f"check that the address resolves on {env.hostname}") from None
+                              f"check that the address resolves on {env.hostname} and that rank 0 still runs"
+                              ) from None
     try:
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))

@@ -6,6 +6,7 @@ so any run can be re-run from its folder alone. Signals only set a flag; the loo
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,8 +18,11 @@ from stride import distenv
 from stride import requeue as requeue_lib
 from stride.errors import StrideError
 from stride.rundir import RunDir, now_iso, write_json
+from stride.slurm import ATTEMPT_MARK
 
 ERROR_TAIL_LINES = 20
+# How gloo and NCCL report a peer that went away: the rank raising it is a victim, not the cause.
+PEER_LOST = re.compile(r"closed by peer|reset by peer|broken pipe|remote process exited|ncclRemoteError", re.I)
 
 
 def choose_backend(config: dict) -> str:
@@ -41,7 +45,7 @@ def _requeue_decision(run: RunDir, env: distenv.DistEnv, config: dict, reason: s
     from stride import slurm
 
     limits = config["slurm"]
-    history = run.read_metadata().get("requeues") or []
+    history = requeue_lib.history_since_resume(run.read_metadata())
     decision = requeue_lib.decide(reason, history, limits["max_timeout_requeues"], limits["max_crash_requeues"], error)
     record = decision.record(job_id=env.job_id, restart=env.restart_count, time=now_iso(), error=error, **context)
     run.update_metadata(lambda m: m.setdefault("requeues", []).append(record))
@@ -57,33 +61,42 @@ def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signal
     """Each rank writes its own failure file (no contention); `stride status` names the rank, node and error.
 
     The first rank to fail in an attempt is the cause (the others usually fail because it left their collectives);
-    on SLURM it also decides whether the job is retried. A rank that raised after SLURM or the user signalled it
-    (scancel, preemption) was interrupted, not broken: the run is marked stopped and the scheduler's own record
-    (cancelled, preempted, timeout) says the rest.
+    on SLURM it also decides whether the job is retried. A rank that only lost a peer (gloo/NCCL: connection closed)
+    marks the run failed without claiming the cause: the rank that raised may still claim it, and one that died
+    without a Python exception (SIGKILL, OOM, segfault) is named by `stride status` from srun's report; such a death
+    is not retried. A rank that raised after SLURM or the user signalled it (scancel, preemption) was interrupted,
+    not broken: the run is marked stopped and the scheduler's own record (cancelled, preempted, timeout) says the rest.
     """
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     tail = "".join(lines).rstrip().splitlines()[-ERROR_TAIL_LINES:]
     error = f"{type(exc).__name__}: {exc}"
+    peer_lost = bool(PEER_LOST.search(error))
     failure = {"rank": env.rank, "host": env.hostname, "job_id": env.job_id, "error": error,
-               "traceback_tail": tail, "time": now_iso(), "pid": os.getpid(), "after_signal": signalled}
+               "traceback_tail": tail, "time": now_iso(), "pid": os.getpid(), "after_signal": signalled,
+               "peer_lost": peer_lost}
     folder = run.path / "failures"
     folder.mkdir(exist_ok=True)
     write_json(folder / f"rank_{env.rank}.json", failure)
     with run.locked():
         status = run.read_status()
-        if status.get("failed_attempt") == env.rendezvous_id:
+        claimed = status.get("failed_attempt") == env.rendezvous_id
+        if claimed and (peer_lost or not status.get("failed_peer_lost")):
             return
         if signalled:
-            if status.get("state") not in ("stopped", "cancelled"):
+            if not claimed and status.get("state") not in ("stopped", "cancelled"):
                 status.update(state="stopped", stop_reason=signalled, ended_at=now_iso(), updated_at=now_iso())
                 write_json(run.status_file, status)
             return
-        status.update(state="failed", ended_at=now_iso(), failed_rank=env.rank, failed_host=env.hostname,
-                      failed_job=env.job_id, failed_attempt=env.rendezvous_id, error=error, error_tail=tail[-5:],
-                      updated_at=now_iso())
+        if peer_lost:
+            cause = {"failed_rank": None, "failed_host": None, "error": f"lost contact with another rank: {error}",
+                     "error_tail": None}
+        else:
+            cause = {"failed_rank": env.rank, "failed_host": env.hostname, "error": error, "error_tail": tail[-5:]}
+        status.update(state="failed", ended_at=now_iso(), failed_job=env.job_id, failed_attempt=env.rendezvous_id,
+                      failed_peer_lost=peer_lost, updated_at=now_iso(), **cause)
         write_json(run.status_file, status)
     # This rank claimed the failure for its attempt above; it alone decides whether the job is retried.
-    if env.launcher == "slurm" and config is not None:
+    if env.launcher == "slurm" and config is not None and not peer_lost:
         decision = _requeue_decision(run, env, config, "crashed", error=error, rank=env.rank, host=env.hostname)
         if decision.requeue:
             run.update_status(state="requeued")
@@ -112,29 +125,50 @@ def record_attempt(run: RunDir, env: distenv.DistEnv) -> None:
 STOP_SIGNALS = {signal.SIGTERM: "SIGTERM", signal.SIGUSR2: "SIGUSR2", signal.SIGINT: "SIGINT"}
 
 
-def _install_stop_handlers(trainer: Any) -> None:
-    """SIGTERM/SIGUSR2/SIGINT ask the loop to checkpoint and stop at the next step; a second SIGINT interrupts."""
-    import threading
+class StopFlag:
+    """SIGTERM/SIGUSR2/SIGINT ask the loop to checkpoint and stop at the next step; a second SIGINT interrupts.
 
-    if threading.current_thread() is not threading.main_thread():
-        return
+    Installed when the rank starts, before the rendezvous and data loading: until then submitit's own USR2 handler
+    would requeue the job with no decision recorded. The handler only sets flags; the trainer picks the reason up
+    once it exists.
+    """
 
-    def handle(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and trainer.stop_reason is not None:
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self.trainer: Any = None
+
+    def install(self) -> "StopFlag":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.reason is not None:
             raise KeyboardInterrupt
-        trainer.request_stop(STOP_SIGNALS.get(signum, str(signum)))
+        self.reason = STOP_SIGNALS.get(signum, str(signum))
+        if self.trainer is not None:
+            self.trainer.request_stop(self.reason)
 
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, handle)
+    def attach(self, trainer: Any) -> None:
+        self.trainer = trainer
+        if self.reason is not None:
+            trainer.request_stop(self.reason)
 
 
 def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
     """Train one rank of the run stored in `run_path`; returns the results (rank 0) or a summary."""
+    stop = StopFlag().install()
     run = RunDir(run_path)
     env = env or distenv.detect()
+    if env.launcher == "slurm" and env.is_main:
+        # Lands in the job's stderr, where srun later reports dead tasks: `stride status` reads only this attempt.
+        print(f"{ATTEMPT_MARK}{env.rendezvous_id} (job {env.job_id}) starting on {env.hostname}", file=sys.stderr,
+              flush=True)
     config = run.read_config()
     dk = config["distributed_kwargs"]
-    trainer = None
     try:
         distenv.init_process_group(env, choose_backend(config), run.rendezvous_dir, dk["init_timeout_s"],
                                    dk["timeout_s"])
@@ -143,12 +177,11 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
         if env.is_main:
             record_attempt(run, env)
         trainer = Trainer(config=config, dist_env=env, run_dir=run)
-        _install_stop_handlers(trainer)
+        stop.attach(trainer)
         result = trainer.fit()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            record_failure(run, env, exc, signalled=trainer.stop_reason if trainer is not None else None,
-                           config=config)
+            record_failure(run, env, exc, signalled=stop.reason, config=config)
         raise
     finally:
         distenv.destroy_process_group()

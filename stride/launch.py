@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -64,6 +65,15 @@ def _forward_signals(procs: list[subprocess.Popen]) -> dict:
     return {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
 
 
+def _exit_text(code: int) -> str:
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name} (no Python exception)"
+    except ValueError:
+        return f"was killed by signal {-code} (no Python exception)"
+
+
 def _die_with_parent() -> None:
     """In each rank (before exec): get SIGTERM if the launcher dies, so no rank outlives it."""
     try:
@@ -89,15 +99,18 @@ def run_local_ranks(run: RunDir, nproc: int, python: Optional[Sequence[str]] = N
     try:
         while True:
             codes = [proc.poll() for proc in procs]
-            failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+            # A rank killed by a signal (negative code) is the cause; ranks that lost it exit 1 moments later.
+            failed = sorted((rank for rank, code in enumerate(codes) if code not in (None, 0)),
+                            key=lambda rank: codes[rank] >= 0)
             if failed:
                 rank = failed[0]
                 get_logger().error("rank %d exited with code %s: stopping the other ranks", rank, codes[rank])
                 _stop_all(procs)
                 status = run.read_status()
-                if status.get("state") != "failed":
+                # Unless a rank recorded its own exception (a rank that only lost its peers names no one).
+                if status.get("state") != "failed" or status.get("failed_rank") is None:
                     run.update_status(state="failed", ended_at=now_iso(), failed_rank=rank,
-                                      error=f"rank {rank} exited with code {codes[rank]}")
+                                      failed_host=socket.gethostname(), error=f"rank {rank} {_exit_text(codes[rank])}")
                 return codes[rank] or 1
             if all(code == 0 for code in codes):
                 return 0

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from typing import Optional, Sequence
+from datetime import datetime
+from typing import Mapping, Optional, Sequence
 
 # A USR2 that arrives this close to the time limit (beyond SLURM's own warning delay) means the limit, not a preemption.
 TIMEOUT_MARGIN_S = 60
@@ -33,6 +34,25 @@ def parse_time_left(text: str) -> Optional[float]:
         return None
     days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
     return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
+
+
+def _when(record: Mapping) -> Optional[datetime]:
+    try:
+        return datetime.strptime(str(record.get("time")), "%Y-%m-%dT%H:%M:%S%z")
+    except ValueError:
+        return None
+
+
+def history_since_resume(metadata: Mapping) -> list[dict]:
+    """The requeue decisions made since the latest `stride resume`: a manual resume starts the bounds afresh, or a
+    run that once used up its timeout or crash retries could never be requeued again."""
+    history = list(metadata.get("requeues") or [])
+    resumed = [t for t in map(_when, metadata.get("resumes") or []) if t is not None]
+    if not resumed:
+        return history
+    latest = max(resumed)
+    # A decision without a readable time is kept: counting it can only make the bound stricter.
+    return [d for d in history if _when(d) is None or _when(d) > latest]
 
 
 def classify_signal(signal_name: str, seconds_left: Optional[float], signal_delay_s: float) -> str:

@@ -11,13 +11,14 @@ import socket
 from typing import Any, Mapping, Optional, Sequence
 
 from stride import config as config_lib
-from stride.checkpoint_files import complete_checkpoints
+from stride.checkpoint_files import first_good
 from stride.errors import RunError
 from stride.rundir import RunDir, now_iso
 
 AMENDABLE_PREFIXES = (
     "training_kwargs.epochs", "training_kwargs.log_every_steps", "training_kwargs.checkpoint_every_steps",
     "training_kwargs.checkpoint_every_minutes", "training_kwargs.keep_last_checkpoints",
+    "training_kwargs.stop_check_seconds",
     "training_kwargs.async_checkpoint", "load_data_kwargs.num_workers", "load_data_kwargs.pin_memory",
     "load_data_kwargs.persistent_workers", "load_data_kwargs.eval_batch_size", "distributed_kwargs.", "slurm.",
     "device",
@@ -77,9 +78,10 @@ def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Map
     if status.get("state") == "completed" and epochs <= was:
         return (f"run {run.path} is already completed ({was} epochs): nothing to do. To train longer: "
                 f"stride resume {run.path} training_kwargs.epochs={was * 2}")
-    if not complete_checkpoints(run.checkpoints_dir):
-        raise RunError(f"run {run.path} has no complete checkpoint to resume from (it stopped before its first "
-                       f"checkpoint, or every checkpoint file is truncated): train it again with "
+    checkpoint, problems = first_good(run.checkpoints_dir)
+    if checkpoint is None:
+        why = "; ".join(problems) if problems else "it stopped before its first checkpoint"
+        raise RunError(f"run {run.path} has no complete checkpoint to resume from ({why}): train it again with "
                        f"`stride local {run.config_file} run=null`")
     return None
 
@@ -89,7 +91,7 @@ def record_resume(run: RunDir, config: dict, changes: dict, launcher: str, comma
     if changes:
         run.write_config(config)
     stamp = now_iso()
-    checkpoint = (complete_checkpoints(run.checkpoints_dir) or [None])[0]
+    checkpoint = first_good(run.checkpoints_dir)[0]  # checked by check_resumable: not read again
 
     def note(metadata: dict) -> None:
         if changes:

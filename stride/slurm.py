@@ -28,41 +28,63 @@ SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "ceph
 WARN_FILESYSTEMS = {"tmpfs", "ramfs", "overlay"}
 
 
+# sbatch --time's documented forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (fields are integers).
+_TIME_FORMS = (
+    (re.compile(r"(\d+)"), ("m",)),
+    (re.compile(r"(\d+):(\d+)"), ("m", "s")),
+    (re.compile(r"(\d+):(\d+):(\d+)"), ("h", "m", "s")),
+    (re.compile(r"(\d+)-(\d+)"), ("d", "h")),
+    (re.compile(r"(\d+)-(\d+):(\d+)"), ("d", "h", "m")),
+    (re.compile(r"(\d+)-(\d+):(\d+):(\d+)"), ("d", "h", "m", "s")),
+)
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+TIME_HELP = "give minutes (90), MM:SS, HH:MM:SS (1:30:00), D-HH (1-12), D-HH:MM or D-HH:MM:SS (2-00:00:00)"
+# Slurm's --mem suffixes (K, M, G, T; an optional B); stride's default unit is GB, Slurm's is MB.
+_MEM = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])B?)?\s*", flags=re.I)
+_MEM_SCALE_MB = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024**2}
+
+
 def parse_time_min(value: Any) -> int:
-    """Minutes from 90, '90', '1:30:00', '2-00:00:00' or '45:00' (MM:SS, as sbatch reads it)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        minutes = value
+    """Minutes from sbatch's --time forms; seconds round up to the next minute, as Slurm does."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"--time '{value}' is not a time: {TIME_HELP}")
+    text = str(int(value)) if isinstance(value, (int, float)) else str(value).strip()
+    for pattern, units in _TIME_FORMS:
+        match = pattern.fullmatch(text)
+        if match:
+            seconds = sum(int(field) * _SECONDS[unit] for field, unit in zip(match.groups(), units))
+            break
     else:
-        text = str(value).strip()
-        days, _, clock = text.rpartition("-") if "-" in text else ("0", "", text)
-        try:
-            parts = [float(p) for p in clock.split(":")]
-            day_min = int(days) * 24 * 60 if days else 0
-        except ValueError:
-            raise ConfigError(f"--time '{value}' is not a time: give minutes (90) or HH:MM:SS (1:30:00)") from None
-        if len(parts) == 1:
-            minutes = parts[0]
-        elif len(parts) == 2:
-            minutes = parts[0] + parts[1] / 60
-        elif len(parts) == 3:
-            minutes = parts[0] * 60 + parts[1] + parts[2] / 60
-        else:
-            raise ConfigError(f"--time '{value}' is not a time: give minutes (90) or HH:MM:SS (1:30:00)")
-        minutes += day_min
-    if minutes <= 0:
-        raise ConfigError(f"--time must be positive, got {value!r}")
-    return int(math.ceil(minutes))
+        if re.fullmatch(r"-\d+", text):
+            raise ConfigError(f"--time must be positive, got {value!r}: {TIME_HELP}")
+        raise ConfigError(f"--time '{value}' is not a time: {TIME_HELP}")
+    if seconds <= 0:
+        # sbatch reads --time=0 as "no limit"; stride always asks for one.
+        raise ConfigError(f"--time must be positive, got {value!r}: {TIME_HELP}")
+    return math.ceil(seconds / 60)
 
 
 def parse_mem_gb(value: Any) -> float:
-    """GB from 16, '16', '16G', '16GB', '500M', '1T'."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B?\s*", str(value), flags=re.I)
+    """GB from 16, '16', '16G', '16GB', '500M', '1T', '2048K'; at least 1 MB (Slurm reads --mem=0 as all memory)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"--mem '{value}' is not a memory size: give GB (16) or a unit (16G, 500M)")
+    match = _MEM.fullmatch(str(value))
     if not match:
         raise ConfigError(f"--mem '{value}' is not a memory size: give GB (16) or a unit (16G, 500M)")
-    scale = {"": 1, "K": 1 / 1024**2, "M": 1 / 1024, "G": 1, "T": 1024}[match.group(2).upper()]
-    return float(match.group(1)) * scale
+    mem_mb = float(match.group(1)) * _MEM_SCALE_MB[(match.group(2) or "G").upper()]
+    if mem_mb < 1:
+        raise ConfigError(f"--mem '{value}' is below 1 MB: Slurm would read it as --mem=0 (all of a node's memory); "
+                          f"give at least 1M")
+    return mem_mb / 1024
+
+
+def mem_text(mem_gb: float) -> str:
+    """sbatch's --mem value: whole GB, else MB rounded up (never 0MB, which Slurm reads as all memory)."""
+    mem_mb = round(mem_gb * 1024, 6)  # (500/1024 GB is 500 MB, not 500.00000000000006)
+    if mem_mb < 1:
+        raise ConfigError(f"slurm.mem_gb={mem_gb} is below 1 MB: Slurm would read it as --mem=0 (all of a node's "
+                          f"memory); give at least 0.001")
+    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{math.ceil(mem_mb)}MB"
 
 
 def tasks_per_node(slurm: Mapping) -> int:
@@ -86,13 +108,16 @@ def submitit_parameters(slurm: Mapping, job_name: str) -> dict:
         "setup": [str(line) for line in slurm["setup"]],
         "additional_parameters": {str(k): v for k, v in slurm["sbatch_args"].items()},
     }
+    # Requeueing is how stride continues a preempted or timed-out run (`scontrol requeue`); sites with
+    # JobRequeue=0 refuse that for jobs not submitted with --requeue.
+    if not {"no-requeue", "no_requeue"} & set(params["additional_parameters"]):
+        params["additional_parameters"] = {"requeue": True, **params["additional_parameters"]}
     if slurm["gpus_per_node"]:
         params["gpus_per_node"] = slurm["gpus_per_node"]
     if slurm["cpus_per_task"]:
         params["cpus_per_task"] = slurm["cpus_per_task"]
     if slurm["mem_gb"]:
-        mem = slurm["mem_gb"]
-        params["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
+        params["mem"] = mem_text(slurm["mem_gb"])
     for key in ("partition", "account", "qos", "constraint"):
         if slurm[key]:
             params[key] = slurm[key]
@@ -162,13 +187,50 @@ def visibility_warning(work_dir: Path) -> Optional[str]:
     return None
 
 
+# What rank 0 writes to the job's stderr when an attempt starts: a requeued job keeps its id and appends to the same
+# log, so only the text after the last mark tells how the latest attempt ended.
+ATTEMPT_MARK = "stride: attempt "
+# srun's report of a task that did not exit 0, in the batch step's stderr (JOB_0_log.err):
+#   srun: error: node1: task 1: Killed            srun: error: node2: tasks 2-3: Exited with exit code 1
+_SRUN_TASK_END = re.compile(r"^srun: error: (?P<node>[^\s:]+): tasks? (?P<tasks>[\d,-]+): (?P<how>.+?)\s*$", re.M)
+# slurmstepd's line when the whole job ends early (a STEP line alone only means srun ended the step).
+_JOB_ENDING = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT \S+(?: DUE TO (?P<why>[A-Z ]+?))? \*\*\*")
+_ENDINGS = {None: "cancelled", "TIME LIMIT": "timeout", "PREEMPTION": "preempted", "NODE FAILURE": "node_fail"}
+
+
+def last_attempt(log_text: str) -> str:
+    """The part of a job log written by its latest attempt (all of it when no attempt mark is there)."""
+    at = log_text.rfind(ATTEMPT_MARK)
+    return log_text[at:] if at >= 0 else log_text
+
+
+def job_ending(log_text: str) -> Optional[str]:
+    """cancelled, timeout, preempted or node_fail from slurmstepd's last job line; None for a requeue or none."""
+    endings = list(_JOB_ENDING.finditer(log_text))
+    return _ENDINGS.get(endings[-1]["why"]) if endings else None
+
+
+def dead_task(log_text: str) -> Optional[dict]:
+    """{rank, node, how, tasks} of the task srun saw die: the first killed by a signal other than the SIGTERM srun
+    sends the others once one has failed, else the first that exited non-zero; None when every task ended well."""
+    ends = list(_SRUN_TASK_END.finditer(log_text))
+    exited = [m for m in ends if m["how"].startswith("Exited with exit code")]
+    signalled = [m for m in ends if m not in exited and m["how"] != "Terminated"]
+    first = (signalled or exited or [None])[0]
+    if first is None:
+        return None
+    return {"rank": int(re.match(r"\d+", first["tasks"]).group()), "node": first["node"], "how": first["how"],
+            "tasks": first["tasks"]}
+
+
 def query_squeue(job_ids: Iterable[str], timeout_s: float = 15.0) -> Optional[dict[str, dict]]:
     """{job_id: {state, nodes, elapsed, reason}} for jobs squeue still knows; None when squeue cannot be asked."""
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
     try:
-        result = run_command(["squeue", "-h", "-j", ",".join(ids), "-o", "%i|%T|%N|%M|%r"], timeout_s)
+        # -r: one line per array task; without it pending tasks collapse into one `ID_[2-3%2]` line.
+        result = run_command(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%N|%M|%r"], timeout_s)
     except ClusterError:
         return None
     if result.returncode != 0:
@@ -208,7 +270,7 @@ def time_left_s(job_id: str, timeout_s: float = 15.0) -> Optional[float]:
     from stride.requeue import parse_time_left
 
     try:
-        result = run_command(["squeue", "-h", "-j", str(job_id), "-o", "%L"], timeout_s)
+        result = run_command(["squeue", "-h", "-r", "-j", str(job_id), "-o", "%L"], timeout_s)
     except ClusterError:
         return None
     return parse_time_left(result.stdout) if result.returncode == 0 else None

@@ -15,9 +15,12 @@ from stride import slurm
 from stride.rundir import RunDir
 
 FINAL_STATES = {"completed", "failed", "cancelled", "timeout", "stopped"}
-# How slurmstepd announces the end of a job in the job's stderr.
-LOG_ENDINGS = (("DUE TO TIME LIMIT", "timeout"), ("DUE TO PREEMPTION", "preempted"), ("CANCELLED AT", "cancelled"),
-               ("DUE TO NODE FAILURE", "node_fail"))
+# What a rank that died without a Python exception (it wrote nothing) most likely met, by srun's word for it.
+DEATH_HINTS = (("Killed", "SIGKILL: the out-of-memory killer, kill -9, or a site limit"),
+               ("Out Of Memory", "over its memory limit: ask for more with --mem"),
+               ("Exited with exit code", "it exited without raising (sys.exit or os._exit in the code?)"))
+LOG_TAIL_BYTES = 65536
+FAILURE_KEYS = ("failed_rank", "failed_host", "error", "error_tail")
 
 
 def job_id_of(run: RunDir) -> Optional[str]:
@@ -31,19 +34,33 @@ def job_id_of(run: RunDir) -> Optional[str]:
     return str(jobs[-1]["job_id"]) if jobs else None
 
 
+def _log_tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - LOG_TAIL_BYTES))
+            return slurm.last_attempt(handle.read().decode(errors="replace"))
+    except OSError:
+        return ""
+
+
 def _ending_from_logs(run: RunDir, job_id: str) -> Optional[str]:
     for log in sorted(run.slurm_dir.glob(f"{job_id}_*_log.err")):
-        try:
-            with open(log, "rb") as handle:
-                handle.seek(0, 2)
-                handle.seek(max(0, handle.tell() - 8192))
-                tail = handle.read().decode(errors="replace")
-        except OSError:
-            continue
-        for needle, state in LOG_ENDINGS:
-            if needle in tail:
-                return state
+        ending = slurm.job_ending(_log_tail(log))
+        if ending:
+            return ending
     return None
+
+
+def _death_from_logs(run: RunDir, job_id: str) -> Optional[dict]:
+    """The rank srun saw die, from the batch step's stderr: the only record of a rank killed without an exception."""
+    task = slurm.dead_task(_log_tail(run.slurm_dir / f"{job_id}_0_log.err"))
+    if task is None:
+        return None
+    hint = next((h for word, h in DEATH_HINTS if task["how"].startswith(word)), "a crash in native code")
+    tasks = f"tasks {task['tasks']}" if not task["tasks"].isdigit() else f"task {task['tasks']}"
+    return {"failed_rank": task["rank"], "failed_host": task["node"], "error_tail": None,
+            "error": f"died without a Python exception: srun: {tasks}: {task['how']} ({hint})"}
 
 
 def _elapsed_s(status: dict) -> Optional[float]:
@@ -71,6 +88,7 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
     job_id = job_id_of(run)
     state = status.get("state", "unknown")
     nodes = status.get("nodes") or ""
+    failure = {k: status.get(k) for k in FAILURE_KEYS}
     if queue is None:
         pass
     elif job_id and job_id in queue:
@@ -88,14 +106,21 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
             state = ended
         else:
             state = _ending_from_logs(run, job_id) or ("lost" if state != "stopped" else state)
+    if (job_id and queue is not None and job_id not in queue and failure["failed_rank"] is None
+            and state in ("failed", "lost", "stopped", "out_of_memory")):
+        # A rank killed by a signal (SIGKILL, OOM, segfault) recorded nothing; srun's report names it.
+        death = _death_from_logs(run, job_id)
+        if death:
+            failure.update(death)
+            state = state if state == "out_of_memory" else "failed"
     epoch, step, total = status.get("epoch"), status.get("step"), status.get("total_steps")
     epochs = run.read_config().get("training_kwargs", {}).get("epochs") if run.exists() else None
     metrics = status.get("results") or status.get("metrics") or {}
     row = {"run": run.name, "path": str(run.path), "state": state, "job_id": job_id or "", "nodes": nodes,
            "epoch": f"{epoch}/{epochs}" if epoch is not None else "", "step": f"{step}/{total}" if step else "",
            "metrics": metrics, "elapsed_s": _elapsed_s(status), "sweep": run.read_metadata().get("sweep")}
-    if state == "failed" or status.get("failed_rank") is not None:
-        row["failure"] = {k: status.get(k) for k in ("failed_rank", "failed_host", "error", "error_tail")}
+    if state == "failed" or failure["failed_rank"] is not None:
+        row["failure"] = failure
     return row
 
 
@@ -189,6 +214,8 @@ def format_detail(row: dict) -> str:
         lines.append(f"failed:   rank {failure['failed_rank']} on {failure['failed_host']}: {failure['error']}")
         for line in failure.get("error_tail") or []:
             lines.append(f"          {line}")
+    elif failure and failure.get("error"):
+        lines.append(f"failed:   {failure['error']}")
     return "\n".join(lines)
 
 

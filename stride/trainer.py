@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from stride import config as config_lib
 from stride import registry
-from stride.checkpoint import Checkpointer, load_file, save_file
+from stride.checkpoint import BackgroundWriter, Checkpointer, load_file, save_file
 from stride.datasets import DataSplits
 from stride.distenv import DistEnv
 from stride.errors import ConfigError, RunError
@@ -33,6 +33,8 @@ from stride.provenance import create_run
 from stride.tensorboard import TensorBoardLog
 
 CHECKPOINT_FORMAT = 1
+PROGRESS_EVERY_S = 2.0
+"""status.json's step is refreshed at log points, at most this often (in the background, rank 0 only)."""
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -290,6 +292,10 @@ class Trainer:
         log = setup_logging(run_dir.rank_log(self.env.rank), self.env.hostname, self.env.rank,
                             self.env.local_rank, console=self.env.is_main)
         tk = self.config["training_kwargs"]
+        if self.device.type == "cuda":
+            # Object collectives (RNG states, the checkpoint choice) and barriers use the current device: without
+            # this, every rank of a node would use GPU 0.
+            torch.cuda.set_device(self.device)
         if tk["deterministic"]:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS needs a fixed workspace
             torch.use_deterministic_algorithms(True)
@@ -359,6 +365,9 @@ class _Loop:
         self.maximize = mode == "max" or (mode == "auto" and "acc" in self.best_metric)
         self.checkpointer = Checkpointer(run_dir.checkpoints_dir, self.tk["keep_last_checkpoints"],
                                          background=self.tk["async_checkpoint"])
+        # status.json updates during training go through their own thread: each costs two fsyncs.
+        self.status_writer = BackgroundWriter("stride-status")
+        self.last_progress_time = -math.inf
         self.tensorboard = TensorBoardLog(run_dir.tensorboard_dir)  # opens at rank 0's first record, if installed
 
     # -------------------------------------------------------------------------------------------------- building
@@ -412,18 +421,23 @@ class _Loop:
                 "config_model": json.dumps(self.t.config["model_kwargs"], sort_keys=True),
                 "saved_at": time.time()}
 
-    def save_checkpoint(self, epoch: int, step: int, batches_done: int, wait: bool = False) -> None:
+    def save_checkpoint(self, epoch: int, step: int, batches_done: int, wait: bool = False,
+                        best_weights: bool = False) -> None:
+        """`best_weights`: also write best.pt, from the same host copy, in the same background write."""
         state = self._state(epoch, step, batches_done)  # collective: every rank takes part
         if self.is_main:
-            self.checkpointer.save(state, step, wait=wait)
+            weights = (self.run_dir.best_weights, {"best": self.best}) if best_weights else None
+            self.checkpointer.save(state, step, wait=wait, weights=weights)
         self.last_checkpoint_time = time.monotonic()
 
     def _resume(self) -> tuple[int, int, int]:
         """Restore the newest good checkpoint; (epoch, step, batches done in that epoch)."""
         if self.is_main:
             self.checkpointer.remove_partial_writes()
-        found = self.checkpointer.load_latest(self.t.device)
+        found = self._load_checkpoint()
         if found is None:
+            if self.is_main:
+                self._forget_metrics_after(0)  # a restart before the first checkpoint (e.g. a crash retry)
             return 0, 0, 0
         state, path = found
         if state["batches_done"] and state["world_size"] != self.env.world_size:
@@ -455,10 +469,34 @@ class _Loop:
                       state["step"], state["batches_done"])
         return state["epoch"], state["step"], state["batches_done"]
 
+    def _load_checkpoint(self) -> Optional[tuple[dict, Path]]:
+        """Rank 0 picks the newest good checkpoint (moving bad ones aside) and the other ranks load that very file,
+        so a file only some ranks could read never starts the ranks from different steps."""
+        if not self.env.distributed:
+            return self.checkpointer.load_latest(self.t.device, move_aside=True)
+        choice: list = [None, None]  # file name, error
+        found, error = None, None
+        if self.is_main:
+            try:
+                found = self.checkpointer.load_latest(self.t.device, move_aside=True)
+                choice[0] = found[1].name if found else None
+            except Exception as exc:  # tell the other ranks before raising, or they would wait in the broadcast
+                error, choice[1] = exc, f"{type(exc).__name__}: {exc}"
+        dist.broadcast_object_list(choice, src=0)
+        if error is not None:
+            raise error
+        if choice[1] is not None:
+            raise RunError(f"rank 0 could not load a checkpoint: {choice[1]}")
+        if self.is_main or choice[0] is None:
+            return found
+        path = self.checkpointer.directory / choice[0]
+        # Rank 0 checked its checksum: every rank reading the whole file once more would only double the I/O.
+        return self.checkpointer.load(path, self.t.device, verify=False), path
+
     # ----------------------------------------------------------------------------------------------------- metrics
     def _forget_metrics_after(self, step: int) -> None:
-        """Metrics logged after the checkpoint we resume from are about to be redone: drop them (and old test lines)
-        so metrics.jsonl stays one continuous story."""
+        """Metrics logged after the checkpoint we resume from (step 0: all of them) are about to be redone: drop them
+        (and old test lines) so metrics.jsonl stays one continuous story."""
         path = self.run_dir.metrics_file
         if not path.is_file():
             return
@@ -469,7 +507,7 @@ class _Loop:
             except json.JSONDecodeError:  # a line cut short by a kill
                 dropped += 1
                 continue
-            if record.get("step", 0) > step or record.get("split") == "test":
+            if not 0 < record.get("step", 0) <= step or record.get("split") == "test":
                 dropped += 1
             else:
                 kept.append(line)
@@ -488,13 +526,30 @@ class _Loop:
             return True
         return value > self.best["value"] if self.maximize else value < self.best["value"]
 
-    def _agree(self, stop: bool, checkpoint_due: bool) -> tuple[bool, bool]:
-        """All ranks must stop and checkpoint at the same step; one tiny all-reduce at the log cadence."""
+    def _agree(self, stop: bool, checkpoint_due: bool, elapsed_s: float) -> tuple[bool, bool, float]:
+        """All ranks must stop and checkpoint at the same step: one tiny all-reduce (MAX) of the stop and checkpoint
+        flags, and of the seconds since the last agreement, from which every rank plans the next one alike."""
         if not self.env.distributed:
-            return stop, checkpoint_due
-        flags = torch.tensor([float(stop), float(checkpoint_due)], device=self.t.device)
+            return stop, checkpoint_due, elapsed_s
+        flags = torch.tensor([float(stop), float(checkpoint_due), elapsed_s], dtype=torch.float64,
+                             device=self.t.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0].item()), bool(flags[1].item())
+        stop_any, due_any, slowest_s = flags.tolist()
+        return bool(stop_any), bool(due_any), slowest_s
+
+    def _report_progress(self, epoch: int, step: int) -> None:
+        """Live epoch and step in status.json between epoch ends: rank 0, in the background, at most every
+        PROGRESS_EVERY_S, and never queued behind an update still being written."""
+        now = time.monotonic()
+        if not self.is_main or now - self.last_progress_time < PROGRESS_EVERY_S or self.status_writer.busy():
+            return
+        self.last_progress_time = now
+        self.status_writer.submit(self.run_dir.update_status, epoch=epoch, step=step)
+
+    def _set_status(self, **fields: Any) -> None:
+        """A status update that must land now (stop, finish): after the background ones still queued."""
+        self.status_writer.wait()
+        self.run_dir.update_status(**fields)
 
     # -------------------------------------------------------------------------------------------------------- loop
     def run(self) -> dict:
@@ -521,6 +576,8 @@ class _Loop:
         log_every = tk["log_every_steps"]
         ckpt_every_steps = tk["checkpoint_every_steps"]
         ckpt_every_s = tk["checkpoint_every_minutes"] * 60
+        cadence = _Cadence(tk["stop_check_seconds"], log_every, step)
+        stop_seen_at: Optional[float] = None
         train_start = time.monotonic()
         loss_sum = torch.zeros((), device=t.device)
         loss_count = 0
@@ -532,6 +589,7 @@ class _Loop:
             sampler.set_epoch(epoch, start_index=batches_done * self.train_loader.batch_size)
             num_batches = batches_done + len(self.train_loader)
             batch_index = batches_done
+            cadence.restart(step)  # the evaluation just done is no training step's time
             for inputs, targets in self.train_loader:
                 batch_index += 1
                 inputs = inputs.to(t.device, non_blocking=True)
@@ -557,13 +615,21 @@ class _Loop:
                 self.scheduler.step()
                 step += 1
 
+                if stop_seen_at is None and self.t.stop_reason is not None:
+                    stop_seen_at = time.monotonic()
+                    if not self.env.distributed:
+                        cadence.next_step = step  # a lone process has no one to agree with: act at once
+                    log.info("stop requested (%s) at step %d; stopping at step %d", self.t.stop_reason, step,
+                             max(step, cadence.next_step))
                 at_log_point = step % log_every == 0
                 due = bool(ckpt_every_steps and step % ckpt_every_steps == 0)
-                # Ranks agree only at log points, which every rank reaches at the same step; a lone process may
-                # act on a stop request at once.
-                if at_log_point or (self.t.stop_reason is not None and not self.env.distributed):
+                # Ranks agree at steps they all planned alike (every few seconds, and at every log point), so no step
+                # waits on the host.
+                if step >= cadence.next_step or at_log_point:
                     time_due = bool(ckpt_every_s and time.monotonic() - self.last_checkpoint_time >= ckpt_every_s)
-                    stop, due_any = self._agree(self.t.stop_reason is not None, due or time_due)
+                    stop, due_any, elapsed_s = self._agree(self.t.stop_reason is not None, due or time_due,
+                                                           cadence.elapsed_s())
+                    cadence.agreed(step, elapsed_s)
                     due = due or due_any
                     if at_log_point:
                         last_loss = self._log_train(loss_sum, loss_count, epoch, step, train_start)
@@ -572,10 +638,11 @@ class _Loop:
                     if stop:
                         self.save_checkpoint(epoch, step, batch_index, wait=True)
                         reason = self.t.stop_reason or "another rank was asked to stop"
-                        log.info("stopping at epoch %d step %d (%s): checkpoint written", epoch, step, reason)
+                        after = f", {time.monotonic() - stop_seen_at:.2f}s after the request" if stop_seen_at else ""
+                        log.info("stopping at epoch %d step %d (%s%s): checkpoint written", epoch, step, reason, after)
                         if self.is_main:
-                            self.run_dir.update_status(state="stopped", epoch=epoch, step=step, stop_reason=reason,
-                                                       keep_states=("cancelled",))
+                            self._set_status(state="stopped", epoch=epoch, step=step, stop_reason=reason,
+                                             keep_states=("cancelled",))
                         return {"stopped": True, "epoch": epoch, "step": step, "reason": reason}
                 if due:
                     self.save_checkpoint(epoch, step, batch_index)
@@ -593,16 +660,17 @@ class _Loop:
         return self._finish(step, train_start)
 
     def close(self, quiet: bool = False) -> None:
-        """Finish any checkpoint write and stop DataLoader workers now, not at interpreter exit.
+        """Finish any checkpoint and status write and stop DataLoader workers now, not at interpreter exit.
 
         `quiet` while another error is on its way out: a failed background write must not hide it.
         """
         self.tensorboard.close()
-        try:
-            self.checkpointer.wait()
-        except Exception:
-            if not quiet:
-                raise
+        for writer in (self.checkpointer, self.status_writer):
+            try:
+                writer.close()
+            except Exception:
+                if not quiet:
+                    raise
         for loader in (getattr(self, name, None) for name in ("train_loader", "val_loader", "test_loader")):
             iterator = getattr(loader, "_iterator", None)
             if iterator is not None and hasattr(iterator, "_shutdown_workers"):
@@ -618,6 +686,7 @@ class _Loop:
         if write:
             lr = self.optimizer.param_groups[0]["lr"]
             self._write_metrics({"epoch": epoch, "step": step, "split": "train", "train_loss": loss, "lr": lr})
+            self._report_progress(epoch, step)
             if not self.progress.enabled:
                 self.log.info("epoch %d step %d/%d train_loss %.4f lr %.3g (%.1fs)", epoch + 1, step,
                               self.total_steps, loss, lr, time.monotonic() - train_start)
@@ -631,14 +700,15 @@ class _Loop:
         improved = self._is_better(value)
         if improved:
             self.best = {"metric": self.best_metric, "value": value, "epoch": epoch, "step": step}
-            if self.is_main:
-                self.t.save_weights(self.run_dir.best_weights, best=self.best)
         self._write_metrics({"epoch": epoch, "step": step, "split": "val", **metrics})
         self.log.info("epoch %d/%d done: %s%s", epoch + 1, self.tk["epochs"],
                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
-        self.save_checkpoint(epoch + 1, step, 0)
+        # Nothing here waits for the disk: best.pt rides along with the epoch's checkpoint, status has its thread.
+        self.save_checkpoint(epoch + 1, step, 0, best_weights=improved)
         if self.is_main:
-            self.run_dir.update_status(epoch=epoch + 1, step=step, metrics=metrics, best=self.best)
+            self.last_progress_time = time.monotonic()
+            self.status_writer.submit(self.run_dir.update_status, epoch=epoch + 1, step=step, metrics=metrics,
+                                      best=self.best)
 
     def _finish(self, step: int, train_start: float) -> dict:
         t = self.t
@@ -656,12 +726,43 @@ class _Loop:
             write_json(self.run_dir.results_file, results)
             self._write_metrics({"epoch": self.tk["epochs"] - 1, "step": step, "split": "test",
                                  **{k: v for k, v in results.items() if k.startswith("test_")}})
-            self.run_dir.update_status(state="completed", ended_at=now_iso(), step=step,
-                                       results={k: v for k, v in results.items() if k.startswith(("test_", "val_"))})
+            self._set_status(state="completed", ended_at=now_iso(), step=step,
+                             results={k: v for k, v in results.items() if k.startswith(("test_", "val_"))})
         summary = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_"))
         self.log.info("finished: %s (best %s %.4f at epoch %d); run folder %s", summary,
                       self.best["metric"], self.best["value"], self.best["epoch"] + 1, self.run_dir.path)
         return results
+
+
+class _Cadence:
+    """The steps at which the ranks next compare stop requests and checkpoint deadlines.
+
+    Comparing costs a host-device sync, so not every step; but at the log cadence alone a slow step could make a
+    stop miss SLURM's warning (USR2 90 s before the limit). Each comparison also yields the slowest rank's seconds
+    since the last one, so every rank computes the same next step: about `target_s` ahead, at least one step, and
+    never past the next log point.
+    """
+
+    def __init__(self, target_s: float, log_every: int, step: int):
+        self.target_s, self.log_every = target_s, log_every
+        self.next_step = step + 1  # the first step measures how long steps take
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """Count time from here (after an evaluation); the next planned step stays."""
+        self.since_step, self.since_time = step, time.monotonic()
+
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.since_time
+
+    def agreed(self, step: int, elapsed_s: float) -> None:
+        """Plan the next comparison from `elapsed_s`, which must be the same number on every rank."""
+        steps = step - self.since_step
+        per_step_s = elapsed_s / steps if steps > 0 else 0.0
+        ahead = int(self.target_s // per_step_s) if per_step_s > 0 else self.log_every
+        next_log_point = (step // self.log_every + 1) * self.log_every
+        self.next_step = min(step + max(1, min(self.log_every, ahead)), next_log_point)
+        self.restart(step)
 
 
 def _rank_ordered_mean_hook(process_group, bucket):  # DDP checks these parameters' annotations: leave them bare

@@ -16,13 +16,13 @@ needs_slurm = pytest.mark.skipif(not os.environ.get("SLURM_CONF"),
 
 def squeue_ids(folder: Path) -> set[str]:
     """Jobs in the queue that were submitted from `folder` (other tests may share the cluster)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%i|%Z"], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%Z"], capture_output=True, text=True, timeout=30).stdout
     return {job for job, _, workdir in (line.partition("|") for line in out.splitlines())
             if Path(workdir).resolve() == Path(folder).resolve()}
 
 
 def job_state(job_id: str) -> str:
-    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
     return out.stdout.strip() or "GONE"
 
 
@@ -62,3 +62,38 @@ def train_step(run: Path) -> int:
     except (FileNotFoundError, ValueError):
         return 0
     return steps[-1] if steps else 0
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        return (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def processes_of_job(job_id: str) -> list[int]:
+    """Every process on this machine (all nodes live here) started by the job."""
+    marker = f"SLURM_JOB_ID={job_id}".encode()
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [pid for pid in pids if marker in _environ(pid)]
+
+
+def rank_process(job_id: str, rank: int) -> tuple[int, str]:
+    """(pid, node) of the rank's own Python process (not one of its DataLoader workers, which fork from it)."""
+    def is_rank(pid: int) -> bool:
+        try:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return False
+        return f"SLURM_PROCID={rank}".encode() in _environ(pid) and b"submitit.core._submit" in cmdline
+
+    def parent(pid: int) -> int:
+        try:
+            return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            return 0
+
+    found = [pid for pid in processes_of_job(job_id) if is_rank(pid) and not is_rank(parent(pid))]
+    assert len(found) == 1, f"expected one process for rank {rank} of job {job_id}, found {found}"
+    node = next(v.split(b"=", 1)[1].decode() for v in _environ(found[0]) if v.startswith(b"SLURMD_NODENAME="))
+    return found[0], node

@@ -1,6 +1,8 @@
 """`stride local` end to end: real training on the shipped digits data, real multi-process gloo, bad input."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +35,9 @@ def test_run_folder_holds_everything(default_run):
     assert set(config) >= {"work_dir", "run", "device", "dataset_kwargs", "load_data_kwargs", "model_kwargs",
                            "training_kwargs"}
     metadata = read_json(run / "metadata.json")
-    assert metadata["argv"][1:] == ["local", "work_dir=exp"]
+    # The tests start `python -m stride`: recorded as typed, not as .../stride/__main__.py.
+    assert metadata["argv"] == [Path(sys.executable).name, "-m", "stride", "local", "work_dir=exp"]
+    assert metadata["command"] == f"{Path(sys.executable).name} -m stride local work_dir=exp"
     assert metadata["versions"]["torch"] and metadata["versions"]["python"] and metadata["hostname"]
     status = read_json(run / "status.json")
     assert status["state"] == "completed" and status["started_at"] and status["ended_at"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from stride.requeue import classify_signal, decide, parse_time_left
+from stride.requeue import classify_signal, decide, history_since_resume, parse_time_left
 
 
 @pytest.mark.parametrize("text, seconds", [("1-02:03:04", 93784.0), ("2:03:04", 7384.0), ("03:04", 184.0),
@@ -50,3 +50,24 @@ def test_a_crash_is_retried_but_never_twice_for_the_same_error():
 def test_sigterm_is_checkpointed_but_left_to_slurm():
     decision = decide("terminated", [], 3, 1)
     assert not decision.requeue and "SIGTERM" in decision.why
+
+
+def test_a_manual_resume_starts_the_bounds_afresh():
+    used_up = [{"reason": "timeout", "requeue": True, "time": f"2026-01-01T0{h}:00:00+0000"} for h in range(3)]
+    used_up += [{"reason": "timeout", "requeue": False, "time": "2026-01-01T03:00:00+0000"},
+                {"reason": "crashed", "requeue": True, "error": "OSError: disk full",
+                 "time": "2026-01-01T04:00:00+0000"}]
+    metadata = {"requeues": used_up, "resumes": [{"time": "2026-01-01T05:00:00+0000", "launcher": "slurm"}]}
+    assert not decide("timeout", used_up, 3, 1).requeue  # counted over the whole history: never again
+    history = history_since_resume(metadata)
+    assert history == []
+    assert decide("timeout", history, 3, 1).requeue
+    assert decide("crashed", history, 3, 1, error="OSError: disk full").requeue  # not "the same error" any more
+    # Decisions after the resume count again; without any resume everything counts.
+    later = {"reason": "timeout", "requeue": True, "time": "2026-01-01T06:00:00+0000"}
+    assert history_since_resume({**metadata, "requeues": [*used_up, later]}) == [later]
+    assert history_since_resume({"requeues": used_up}) == used_up
+    # Only the latest resume matters (times in other offsets compare as instants).
+    two = {"requeues": [*used_up, later], "resumes": [{"time": "2026-01-01T05:00:00+0000"},
+                                                      {"time": "2026-01-01T08:30:00+0200"}]}
+    assert history_since_resume(two) == []

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from conftest import read_json, read_jsonl
-from slurm_helpers import job_state, needs_slurm, run_status, submitted, train_step, wait_for, wait_gone
+from slurm_helpers import (job_state, needs_slurm, processes_of_job, run_status, submitted, train_step,
+                           wait_for, wait_gone)
 from test_resume import assert_bitwise_equal
 
 pytestmark = [pytest.mark.slurm, needs_slurm]
@@ -15,21 +15,6 @@ JOB = ["--nodes", "2", "--tasks-per-node", "2", "--time", "10"]
 # Deterministic, 4 ranks, one DataLoader worker each (they must survive the signal and die with the job).
 EXACT = ["training_kwargs.deterministic=true", "training_kwargs.epochs=25", "load_data_kwargs.batch_size=8",
          "training_kwargs.log_every_steps=10", "load_data_kwargs.num_workers=1"]
-
-
-def processes_of_job(job_id: str) -> list[int]:
-    """Every process on this machine (all nodes live here) started by the job."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"SLURM_JOB_ID={job_id}".encode() in environ:
-            found.append(int(entry.name))
-    return found
 
 
 def scontrol(*args: str) -> None:
@@ -102,3 +87,31 @@ def test_cancelled_run_resumes_on_slurm_with_its_own_resources(tmp_path, stride)
     assert metadata["amendments"][-1]["changes"] == {"slurm.time_min": [10, 5], "training_kwargs.epochs": [6, 7]}
     assert read_json(run / "results.json")["world_size"] == 4
     assert (run / "slurm" / f"{new_job}_0_log.out").is_file()
+
+
+def test_usr2_before_the_trainer_exists_goes_through_strides_decision(tmp_path, stride):
+    """A USR2 while the data loads is stride's to handle (flag, then checkpoint, decision and requeue), not
+    submitit's (which would requeue with nothing recorded)."""
+    loading = tmp_path / "loading"
+    (tmp_path / "slowdata.py").write_text(
+        "import pathlib, time\n"
+        "from stride.datasets.builtin import digits\n"
+        "def slow_digits(marker: str = ''):\n"
+        "    pathlib.Path(marker).touch()\n"
+        "    time.sleep(8)\n"
+        "    return digits()\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    run, job_id = submitted(stride("submit", "work_dir=exp", "--nodes", "1", "--tasks-per-node", "1", "--time", "10",
+                                   "dataset_kwargs.dataset_name=slowdata:slow_digits",
+                                   f"dataset_kwargs.marker={loading}", "training_kwargs.epochs=50", env=env))
+    try:
+        wait_for(loading.exists, 120, 0.2, what="the job to start loading its data")
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        wait_for(lambda: read_json(run / "metadata.json").get("requeues"), 90, 0.5, what="a recorded decision")
+        requeues = read_json(run / "metadata.json")["requeues"]
+        assert [(r["reason"], r["requeue"], r.get("signal")) for r in requeues] == [("preempted", True, "SIGUSR2")]
+        wait_for(lambda: job_state(job_id) == "PENDING", 60, 0.2, what="the job to be requeued")
+        assert run_status(run)["state"] == "requeued" and (run / "checkpoints" / "latest").is_file()
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    wait_gone(job_id, timeout_s=60)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
 
 from conftest import read_json
-from slurm_helpers import needs_slurm, squeue_ids, submitted, run_status, wait_for, wait_gone, job_state
+from slurm_helpers import (job_state, needs_slurm, rank_process, run_status, squeue_ids, submitted, train_step,
+                           wait_for, wait_gone)
 
 pytestmark = [pytest.mark.slurm, needs_slurm]
 CPU_JOB = ["--nodes", "2", "--tasks-per-node", "2", "--time", "10"]
@@ -19,6 +21,7 @@ def test_dry_run_prints_script_and_config_and_writes_nothing(tmp_path, stride):
     proc = stride("submit", "work_dir=exp", *CPU_JOB, "--setup", "echo 'a; b'", "--dry-run", check=True)
     assert "#SBATCH --nodes=2" in proc.stdout and "#SBATCH --ntasks-per-node=2" in proc.stdout
     assert "--kill-on-bad-exit=1" in proc.stdout and "echo 'a; b'" in proc.stdout
+    assert "\n#SBATCH --requeue\n" in proc.stdout  # `scontrol requeue` works even where JobRequeue=0
     assert "model_name: CNN" in proc.stdout
     assert not (tmp_path / "exp").exists()
     assert squeue_ids(tmp_path) == before
@@ -169,3 +172,20 @@ def test_profiles_hold_site_defaults_and_flags_still_win(tmp_path, stride):
     wait_gone(job_id, timeout_s=300)
     assert run_status(run)["state"] == "completed"
     assert "#SBATCH --account=stride" in (run / "slurm" / f"{job_id}_submission.sh").read_text()
+
+
+def test_a_rank_killed_without_an_exception_is_named(tmp_path, stride):
+    """SIGKILL leaves no traceback: srun's report in the job log names the rank and node, and the run is failed."""
+    run, job_id = submitted(stride("submit", "work_dir=exp", "--profile", "local", "--nodes", "2",
+                                   "--tasks-per-node", "2", "training_kwargs.epochs=500"))
+    wait_for(lambda: train_step(run) >= 20, 180, 0.2, what="the job to train 20 steps")
+    pid, node = rank_process(job_id, rank=1)
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    wait_gone(job_id, timeout_s=120)
+    assert time.monotonic() - started < 120
+    assert read_json(run / "metadata.json").get("requeues") is None  # nothing says what broke: not retried
+    detail = stride("status", str(run)).stdout
+    assert "state:    failed" in detail, detail
+    assert f"failed:   rank 1 on {node}: died without a Python exception: srun: task 1: Killed (SIGKILL" in detail
+    assert stride("status", "exp").stdout.splitlines()[1].split()[1] == "failed"

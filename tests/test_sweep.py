@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import pytest
 
-from conftest import read_json
+from conftest import cli_env, read_json
 from slurm_helpers import needs_slurm, run_status, squeue_ids, wait_for
 from stride.errors import ConfigError
 from stride.sweep import parse, split_top_level
@@ -112,3 +113,31 @@ def test_sweep_beyond_max_array_size_is_refused(tmp_path, stride):
     assert proc.stderr.strip() == (f"stride: error: this sweep has {limit + 1} points but the cluster's MaxArraySize "
                                    f"is {limit}: split it into several submissions (fewer values per key)")
     assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.slurm
+@needs_slurm
+def test_throttled_array_tasks_waiting_their_turn_are_pending_not_lost(tmp_path, stride):
+    # Three points, one at a time: while the first trains, squeue shows the other two as ONE `ID_[1-2]` line
+    # unless asked for one line per task (-r).
+    proc = stride("submit", "work_dir=exp", "training_kwargs.epochs=300", "training_kwargs.lr=1e-3,2e-3,3e-3",
+                  "--nodes", "1", "--tasks-per-node", "1", "--max-parallel", "1", check=True)
+    array_id = proc.stdout.split("submitted job array ")[1].split()[0]
+    runs = [tmp_path / "exp" / str(i) for i in range(3)]
+    follower = None
+    try:
+        wait_for(lambda: run_status(runs[0]).get("state") == "running", 120, what="the first task to train")
+        rows = {line.split()[0]: line.split() for line in stride("status", "exp", check=True).stdout.splitlines()[2:]}
+        assert [rows[str(i)][1] for i in range(3)] == ["running", "pending", "pending"], rows
+        assert "state:    pending" in stride("status", str(runs[2]), check=True).stdout
+        # `stride logs --follow` waits for a pending task instead of ending at once.
+        follower = subprocess.Popen([sys.executable, "-m", "stride", "logs", str(runs[2]), "--follow"], cwd=tmp_path,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env())
+        with pytest.raises(subprocess.TimeoutExpired):
+            follower.wait(timeout=6)
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait(timeout=30)
+        subprocess.run(["scancel", array_id], timeout=30)
+    wait_for(lambda: not squeue_ids(tmp_path), 60, what="the array to leave the queue")
