@@ -40,11 +40,13 @@ class HostStaging:
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._events: list[Any] = []
+        self.state: Any = None
+        """What the last `copy()` returned."""
 
     def copy(self, state: Any) -> Any:
         used: dict[tuple, torch.Tensor] = {}
         cuda_devices: set[int] = set()
-        out = self._copy(state, (), used, {}, cuda_devices)
+        out = self.state = self._copy(state, (), used, {}, cuda_devices)
         self._buffers = used
         self._events = []
         for index in sorted(cuda_devices):
@@ -129,16 +131,42 @@ def _without_crc32() -> Iterator[None]:
 
 
 def save_file(state: Any, path: Path) -> tuple[int, int]:
-    """torch.save through a temporary name, fsync and rename; returns (bytes, CRC32) of what was written."""
+    """torch.save through a temporary name, fsync and rename; returns (bytes, CRC32) of what was written.
+
+    The checksum is taken on another thread while the file is fsynced (see Crc32Writer); the tensors of `state`
+    must not change until this returns (host copies, or a caller that waits).
+    """
     counted: list[checkpoint_files.Crc32Writer] = []
 
     def write(handle: Any) -> None:
-        counted.append(checkpoint_files.Crc32Writer(handle))
-        torch.save(state, counted[0])
+        writer = checkpoint_files.Crc32Writer(handle, stable=_storage_ranges(state))
+        counted.append(writer)
+        torch.save(state, writer)
+        writer.start_checksum()  # atomic_write flushes and fsyncs meanwhile
 
     with _without_crc32():
         atomic_write(path, write, mode="wb")
     return counted[0].num_bytes, counted[0].crc32
+
+
+def _storage_ranges(state: Any) -> list[tuple[int, int]]:
+    """(address, size) of the CPU storages in `state`: the bytes torch.save writes straight from them."""
+    ranges: dict[int, int] = {}
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                storage = value.untyped_storage()
+                ranges[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(state)
+    return list(ranges.items())
 
 
 def load_file(path: Path, map_location: Any = "cpu") -> Any:
@@ -226,11 +254,12 @@ class Checkpointer:
         return checkpoint_files.step_files(self.directory)
 
     def save(self, state: dict, step: int, wait: bool = False,
-             weights: Optional[tuple[Path, dict]] = None) -> None:
+             weights: Optional[tuple[Path, dict, HostStaging]] = None) -> None:
         """Copy `state` to host memory now; write it in the background unless `wait` (or background writes are off).
 
-        `weights=(path, extra)` also writes `{"model": state["model"], **extra}` there (best.pt), from the same host
-        copy and before the checkpoint, so a checkpoint's record of the best weights never runs ahead of the file.
+        `weights=(path, extra, staging)` also writes `{"model": <the model state staging holds>, **extra}` there
+        (best.pt) before the checkpoint, so a checkpoint's record of the best weights never runs ahead of the file.
+        The caller must not copy into `staging` again before this write is done (`wait()`).
         """
         record = SaveRecord(step=step, started=time.perf_counter())
         self.wait()  # the previous write holds the staging buffers until it is on disk
@@ -250,13 +279,14 @@ class Checkpointer:
         """Finish the pending write and end the writer thread (re-raises its error)."""
         self._writer.close()
 
-    def _write(self, state: dict, record: SaveRecord, weights: Optional[tuple[Path, dict]] = None) -> None:
+    def _write(self, state: dict, record: SaveRecord, weights: Optional[tuple[Path, dict, HostStaging]] = None) -> None:
         start = time.perf_counter()
         self._staging.ready()
         if weights is not None:
-            path, extra = weights
+            path, extra, staging = weights
+            staging.ready()
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"model": state["model"], **extra}, path)
+            save_file({"model": staging.state, **extra}, path)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record.step)
         # A sidecar left from an earlier attempt at this step would not match the new file if we die mid-way.

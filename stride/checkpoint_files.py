@@ -6,12 +6,14 @@ checks torch's own per-record CRC32, so without it a flipped byte would load sil
 """
 from __future__ import annotations
 
+import bisect
 import os
 import re
+import threading
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from stride.rundir import read_json, write_json
 
@@ -61,20 +63,68 @@ def candidates(directory: Path) -> list[Path]:
 
 class Crc32Writer:
     """A binary file handle that counts and checksums every byte written through it (torch.save writes in order,
-    never seeking back), so the checksum costs no second pass over the file."""
+    never seeking back), so the checksum costs no second pass over the file.
 
-    def __init__(self, handle):
+    The checksum runs on its own thread once the bytes are written (`start_checksum`), while the caller fsyncs: the
+    disk's time, not the CPU's. So the writer keeps every chunk until then: tensor data by reference, when it lies
+    in one of the `stable` buffers (address, size) that outlive the write, anything else (headers, the pickle) as a
+    copy, since torch hands those over in temporary buffers.
+    """
+
+    DEFER_MIN_BYTES = 1 << 20
+
+    def __init__(self, handle, stable: Sequence[tuple[int, int]] = ()):
         self.handle = handle
-        self.crc32 = 0
         self.num_bytes = 0
+        self._chunks: list = []
+        self._stable = sorted(stable)
+        self._crc32: Optional[int] = None
+        self._thread: Optional[threading.Thread] = None
 
     def write(self, data) -> int:
-        self.crc32 = zlib.crc32(data, self.crc32)  # releases the GIL on large buffers: training keeps running
-        self.num_bytes += len(data)
+        view = memoryview(data).cast("B")
+        self._chunks.append(view if self._is_stable(view) else bytes(view))
+        self.num_bytes += view.nbytes
         return self.handle.write(data)
 
     def flush(self) -> None:
         self.handle.flush()
+
+    def _is_stable(self, view: memoryview) -> bool:
+        if view.nbytes < self.DEFER_MIN_BYTES or not self._stable:
+            return False
+        address = _address_of(view)
+        if address is None:
+            return False
+        index = bisect.bisect_right(self._stable, (address, float("inf"))) - 1
+        return index >= 0 and address + view.nbytes <= sum(self._stable[index])
+
+    def start_checksum(self) -> None:
+        def run() -> None:
+            crc = 0
+            for chunk in self._chunks:
+                crc = zlib.crc32(chunk, crc)  # releases the GIL on large buffers
+            self._crc32, self._chunks = crc, []
+
+        self._thread = threading.Thread(target=run, name="stride-crc32", daemon=True)
+        self._thread.start()
+
+    @property
+    def crc32(self) -> int:
+        if self._thread is None:
+            self.start_checksum()
+        assert self._thread is not None
+        self._thread.join()
+        assert self._crc32 is not None
+        return self._crc32
+
+
+def _address_of(view: memoryview) -> Optional[int]:
+    try:
+        import numpy as np
+    except ImportError:  # without numpy every chunk is copied: slower, still right
+        return None
+    return int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
 
 
 def write_sidecar(path: Path, num_bytes: int, crc32: int) -> None:

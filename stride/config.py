@@ -70,9 +70,10 @@ class TrainingKwargs:
     best_mode: str = "auto"
     """max, min, or auto (max for accuracy, min for losses)."""
     checkpoint_every_steps: int = 0
-    """Also checkpoint every N optimizer steps (0: only at epoch ends and on signals)."""
-    checkpoint_every_minutes: float = 10.0
-    """Also checkpoint when this much wall time passed since the last one (0: off)."""
+    """Also checkpoint every N optimizer steps (0: by time only, plus the last epoch and stop requests)."""
+    checkpoint_every_minutes: float = 5.0
+    """Checkpoint when this much wall time passed since the last one (0: off), checked at log points and epoch ends;
+    the last epoch and every stop request also end with one."""
     keep_last_checkpoints: int = 2
     async_checkpoint: bool = True
     """Snapshot to host memory and write in the background, so training does not stall on disk."""

@@ -1,8 +1,8 @@
 """TensorBoard scalars for a run: every metrics.jsonl record also written to `run/tensorboard/` (rank 0 only).
 
 metrics.jsonl stays the record; this is a view of it for `tensorboard --logdir WORK_DIR`, which shows every run.
-Optional and lazy: nothing is imported or created before the first record, and without the tensorboard package
-it does nothing at all (one line in the log says so).
+Optional: the writer is imported before training starts and the event file created at the first record; without
+the tensorboard package it does nothing at all (one line in the log says so).
 """
 from __future__ import annotations
 
@@ -32,22 +32,31 @@ class TensorBoardLog:
     def __init__(self, log_dir: Path):
         self.log_dir = Path(log_dir)
         self._writer: Any = None
+        self._writer_class: Any = None
         self._unavailable = False
 
-    def _open(self, first_step: int) -> Optional[Any]:
-        if self._writer is None and not self._unavailable:
+    def prepare(self) -> None:
+        """Import TensorBoard's writer now, before training: the import takes ~0.2 s, which must not land in the
+        middle of the first epoch. The event file itself is still created at the first record."""
+        if self._writer_class is None and not self._unavailable:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 self._unavailable = True
                 get_logger().info("tensorboard is not installed: no TensorBoard logs for this run "
                                   "(pip install 'stride[tensorboard]')")
-                return None
+                return
+            self._writer_class = SummaryWriter
+
+    def _open(self, first_step: int) -> Optional[Any]:
+        self.prepare()
+        if self._writer is None and not self._unavailable:
             # A resumed run redoes the steps after its checkpoint (and drops them from metrics.jsonl). Records fall
             # on steps fixed by the config, so this process's first record is the earlier attempt's first stale one:
             # purge_step makes TensorBoard drop the earlier events from that step on.
             try:
-                self._writer = SummaryWriter(str(self.log_dir), purge_step=first_step, flush_secs=FLUSH_EVERY_S)
+                self._writer = self._writer_class(str(self.log_dir), purge_step=first_step,
+                                                  flush_secs=FLUSH_EVERY_S)
             except Exception as exc:
                 self._give_up(exc)
         return self._writer

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from stride import config as config_lib
 from stride import registry
-from stride.checkpoint import BackgroundWriter, Checkpointer, load_file, save_file
+from stride.checkpoint import BackgroundWriter, Checkpointer, HostStaging, load_file, save_file
 from stride.datasets import DataSplits
 from stride.distenv import DistEnv
 from stride.errors import ConfigError, RunError
@@ -365,10 +365,14 @@ class _Loop:
         self.maximize = mode == "max" or (mode == "auto" and "acc" in self.best_metric)
         self.checkpointer = Checkpointer(run_dir.checkpoints_dir, self.tk["keep_last_checkpoints"],
                                          background=self.tk["async_checkpoint"])
+        self.best_staging = HostStaging()  # rank 0: the best weights since the last checkpoint, until it is written
+        self.best_unsaved = False
         # status.json updates during training go through their own thread: each costs two fsyncs.
         self.status_writer = BackgroundWriter("stride-status")
         self.last_progress_time = -math.inf
         self.tensorboard = TensorBoardLog(run_dir.tensorboard_dir)  # opens at rank 0's first record, if installed
+        if self.is_main:
+            self.tensorboard.prepare()
 
     # -------------------------------------------------------------------------------------------------- building
     def _build(self) -> None:
@@ -421,14 +425,22 @@ class _Loop:
                 "config_model": json.dumps(self.t.config["model_kwargs"], sort_keys=True),
                 "saved_at": time.time()}
 
-    def save_checkpoint(self, epoch: int, step: int, batches_done: int, wait: bool = False,
-                        best_weights: bool = False) -> None:
-        """`best_weights`: also write best.pt, from the same host copy, in the same background write."""
+    def save_checkpoint(self, epoch: int, step: int, batches_done: int, wait: bool = False) -> None:
+        """A checkpoint, and best.pt with it when the best weights changed since the last one (same background
+        write, best.pt first: a checkpoint's record of the best never runs ahead of the file)."""
         state = self._state(epoch, step, batches_done)  # collective: every rank takes part
         if self.is_main:
-            weights = (self.run_dir.best_weights, {"best": self.best}) if best_weights else None
+            weights = (self.run_dir.best_weights, {"best": self.best}, self.best_staging) if self.best_unsaved else None
+            self.best_unsaved = False
             self.checkpointer.save(state, step, wait=wait, weights=weights)
         self.last_checkpoint_time = time.monotonic()
+
+    def _keep_best(self) -> None:
+        """New best weights: a host copy now (one memcpy into kept buffers); best.pt is written with the next
+        checkpoint, so short epochs do not each pay for a file."""
+        self.checkpointer.wait()  # a write still in flight may be reading the previous best copy
+        self.best_staging.copy(self.raw_model.state_dict())
+        self.best_unsaved = True
 
     def _resume(self) -> tuple[int, int, int]:
         """Restore the newest good checkpoint; (epoch, step, batches done in that epoch)."""
@@ -601,7 +613,8 @@ class _Loop:
                     with t._autocast():
                         outputs = self.model(inputs)
                         loss = self.loss_fn(outputs.float(), targets if self.classification else targets.float())
-                    self.scaler.scale(loss / accum).backward()
+                    # Dividing by 1 is exact but still one more autograd node per step: skip it.
+                    self.scaler.scale(loss / accum if accum > 1 else loss).backward()
                 loss_sum += loss.detach()
                 loss_count += 1
                 if not boundary:
@@ -700,11 +713,18 @@ class _Loop:
         improved = self._is_better(value)
         if improved:
             self.best = {"metric": self.best_metric, "value": value, "epoch": epoch, "step": step}
+            if self.is_main:
+                self._keep_best()
         self._write_metrics({"epoch": epoch, "step": step, "split": "val", **metrics})
         self.log.info("epoch %d/%d done: %s%s", epoch + 1, self.tk["epochs"],
                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
-        # Nothing here waits for the disk: best.pt rides along with the epoch's checkpoint, status has its thread.
-        self.save_checkpoint(epoch + 1, step, 0, best_weights=improved)
+        # Checkpoints keep their own cadence (minutes, steps) rather than one per epoch: a short epoch would spend
+        # more on the file than on training. The last epoch always ends with one (best.pt, resume with more epochs).
+        every_s = self.tk["checkpoint_every_minutes"] * 60
+        due = bool(every_s and time.monotonic() - self.last_checkpoint_time >= every_s)
+        _, due, _ = self._agree(False, due, 0.0)  # the ranks' clocks differ; a checkpoint is a collective
+        if due or epoch + 1 == self.tk["epochs"]:
+            self.save_checkpoint(epoch + 1, step, 0)
         if self.is_main:
             self.last_progress_time = time.monotonic()
             self.status_writer.submit(self.run_dir.update_status, epoch=epoch + 1, step=step, metrics=metrics,

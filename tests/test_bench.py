@@ -21,7 +21,7 @@ def test_quick_bench_reports_every_row(tmp_path):
     table = proc.stdout
     for row in ("MLP, overhead-sensitive: training steps/s", "CNN, the default: training steps/s",
                 "process start → first training step", "peak memory", "`stride --help`", "`stride status`",
-                "`stride submit --dry-run`", "training stall", "write speed during training"):
+                "`stride submit --dry-run`", "training stall", "checkpoint write (serialise, CRC32", "same write in the background"):
         assert row in table, f"row {row!r} missing from:\n{table}"
     assert "| measure | raw PyTorch | stride | stride/raw | target | met |" in table
 

@@ -21,6 +21,24 @@ def names(folder: Path, pattern: str = "step_*") -> list[str]:
     return sorted(p.name for p in folder.glob(pattern))
 
 
+def test_checksum_taken_during_the_fsync_matches_the_file(tmp_path):
+    """Large tensor data is checksummed from the tensors after the write; everything else torch.save hands over in
+    temporary buffers (headers, a pickle bigger than the 1 MiB threshold) must have been copied first."""
+    from stride.checkpoint import save_file
+
+    big = torch.arange(3 << 20, dtype=torch.float32)
+    view = big[1000:2_000_000]  # torch.save writes a view's whole storage
+    payload = {"big": big, "view": view, "small": torch.ones(10), "notes": list(range(400_000)),
+               "half": torch.randn(1 << 19).half(), "nested": [{"x": torch.zeros(300_000)}]}
+    path = tmp_path / "state.pt"
+    num_bytes, crc32 = save_file(payload, path)
+    data = path.read_bytes()
+    assert num_bytes == len(data) and crc32 == zlib.crc32(data)
+    assert len(__import__("pickle").dumps(payload["notes"])) > 1 << 20
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["view"], view) and loaded["notes"] == payload["notes"]
+
+
 def test_sidecar_holds_the_size_and_crc32_of_the_bytes_on_disk(tmp_path):
     ckpt = Checkpointer(tmp_path, keep_last=2)
     ckpt.save(state(7), 7)
@@ -89,12 +107,21 @@ def test_pruning_keeps_the_new_file_and_drops_files_numbered_after_it(tmp_path):
     assert names(tmp_path) == ["step_000000040.json", "step_000000040.pt"]
 
 
-def test_weights_ride_along_from_the_same_host_copy_before_the_checkpoint(tmp_path):
+def test_best_weights_are_written_from_their_own_host_copy_before_the_checkpoint(tmp_path):
+    """best.pt comes from the copy taken when the weights were best, however training moved on since."""
+    from stride.checkpoint import HostStaging
+
     ckpt = Checkpointer(tmp_path / "checkpoints")
     live = state(5)
-    ckpt.save(live, 5, weights=(tmp_path / "weights" / "best.pt", {"best": {"epoch": 0}}))
-    live["model"]["w"].zero_()  # training goes on while the write runs: the copy was taken at save()
+    best_copy = HostStaging()
+    best_copy.copy(live["model"])
+    live["model"]["w"].fill_(7.0)  # two epochs later: the checkpoint holds these, best.pt the earlier ones
+    ckpt.save(live, 7, weights=(tmp_path / "weights" / "best.pt", {"best": {"epoch": 0}}, best_copy))
+    live["model"]["w"].zero_()  # training goes on while the write runs: the copies were taken before
     ckpt.close()
     best = torch.load(tmp_path / "weights" / "best.pt", weights_only=True)
     assert best["best"] == {"epoch": 0} and torch.equal(best["model"]["w"], torch.full((50_000,), 5.0))
     assert best["model"].keys() == {"w"}
+    checkpoint = torch.load(ckpt.path_for(7), weights_only=True)
+    assert torch.equal(checkpoint["model"]["w"], torch.full((50_000,), 7.0))
+    assert (tmp_path / "weights" / "best.pt").stat().st_mtime_ns <= ckpt.path_for(7).stat().st_mtime_ns

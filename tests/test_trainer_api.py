@@ -1,6 +1,7 @@
 """The Python API from the seed: Trainer(...).fit(), load_run, weights, plug-ins by registry and import path."""
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -23,6 +24,23 @@ def test_fit_then_load_run_restores_config_and_weights(tmp_path):
     best = torch.load(tmp_path / "0" / "weights" / "best.pt", weights_only=True)["model"]
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, best[name])
+
+
+def test_best_weights_are_those_of_the_best_epoch_though_checkpoints_keep_their_own_cadence(tmp_path):
+    """With short epochs a run checkpoints at its end, not after every epoch; best.pt still holds the best epoch's
+    weights, kept in memory until then (here the best epoch is not the last: lr so high that training degrades)."""
+    trainer = Trainer(work_dir=tmp_path, model_kwargs={"model_name": "MLP", "hidden": [32]}, device="cpu",
+                      training_kwargs={"epochs": 6, "lr": 0.3, "scheduler": "constant"})
+    results = trainer.fit()
+    run = tmp_path / "0"
+    assert [p.name for p in (run / "checkpoints").glob("step_*.pt")] == [f"step_{results['steps']:09d}.pt"]
+    best = torch.load(run / "weights" / "best.pt", weights_only=True)
+    assert best["best"] == results["best"]
+    val = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == "val"]
+    assert best["best"]["value"] == max(r["val_accuracy"] for r in val)
+    assert best["best"]["epoch"] < 5, "pick settings whose best epoch is not the last one"
+    reloaded = Trainer(work_dir=tmp_path).load_run("0")
+    assert reloaded.evaluate("val")["val_accuracy"] == pytest.approx(best["best"]["value"])
 
 
 def test_load_run_of_missing_run_is_a_clear_error(tmp_path):
