@@ -364,6 +364,9 @@ class StrideCLI:
         job_id = status_lib.job_id_of(run_dir)
         if not job_id:
             raise StrideError(f"run {run_dir.path} has no SLURM job: a `stride local` run is stopped with Ctrl-C")
+        state = status_lib.describe_runs([run_dir])[0]["state"]
+        if state in status_lib.FINAL_STATES:
+            raise StrideError(f"run {run_dir.path} is already {state} (job {job_id}): nothing to cancel")
         result = run_command(["scancel", job_id])
         if result.returncode != 0:
             raise StrideError(f"scancel {job_id} failed: {(result.stderr or result.stdout).strip()}")

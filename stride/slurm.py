@@ -23,8 +23,6 @@ SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
 # Filesystems compute nodes share with the login node on real clusters.
-SHARED_FILESYSTEMS = {"nfs", "nfs4", "lustre", "gpfs", "beegfs", "cephfs", "ceph", "fuse.sshfs", "glusterfs",
-                      "pvfs2", "orangefs", "wekafs", "fuse.gcsfuse", "panfs", "cifs", "smb3", "vast", "fuse.ceph"}
 WARN_FILESYSTEMS = {"tmpfs", "ramfs", "overlay"}
 
 

@@ -51,3 +51,13 @@ def test_a_queued_array_task_is_pending(tmp_path):
     run = slurm_run(tmp_path, job_id="45_1", state="pending")
     queue = {"45_1": {"state": "PENDING", "nodes": "", "elapsed": "0:00", "reason": "JobArrayTaskLimit"}}
     assert describe(run, queue=queue, accounting={})["state"] == "pending"
+
+
+def test_sort_puts_the_best_first_whatever_the_metric_is_called():
+    from stride.status import sort_rows
+
+    rows = [{"name": n, "metrics": m} for n, m in (("a", {"val_loss": 0.5, "val_f1": 0.7}),
+                                                   ("b", {"val_loss": 0.2, "val_f1": 0.9}),
+                                                   ("c", {}))]
+    assert [r["name"] for r in sort_rows(rows, "val_loss")] == ["b", "a", "c"]
+    assert [r["name"] for r in sort_rows(rows, "val_f1")] == ["b", "a", "c"]

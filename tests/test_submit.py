@@ -81,6 +81,9 @@ def test_cancel_ends_the_job_and_marks_the_run(tmp_path, stride):
     wait_gone(job_id, timeout_s=60)
     assert run_status(run)["state"] == "cancelled"
     assert "cancelled" in stride("status", "exp").stdout
+    again = stride("cancel", str(run))
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"stride: error: run {run} is already cancelled (job {job_id}): nothing to cancel"
 
 
 def test_job_cancelled_outside_stride_is_reported_cancelled(tmp_path, stride):
