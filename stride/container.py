@@ -31,6 +31,9 @@ PASSED_ENV = (
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "STRIDE_RENDEZVOUS_ID",
     "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "USER",
 )
+# Apptainer and Charliecloud also pass the host's Python settings, which would make the image's Python import the
+# host's packages (a checkout on PYTHONPATH, ~/.local): they are cleared inside unless container.env sets them.
+HOST_PYTHON_ENV = (("PYTHONPATH", ""), ("PYTHONHOME", ""), ("PYTHONUSERBASE", ""), ("PYTHONNOUSERSITE", "1"))
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _BIND_MODES = ("ro", "rw")
 _ENV_SPLIT = re.compile(r",[A-Za-z_][A-Za-z0-9_]*=")
@@ -168,9 +171,16 @@ def _apptainer(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
         argv.append("--nv")
     for bind in binds:
         argv += ["--bind", bind.spec()]
-    for name, value in spec.env:
+    # Start in work_dir, not in the submitting shell's folder (which `python -m` would put first on sys.path).
+    argv += ["--pwd", binds[0].dst]
+    for name, value in _with_host_python_cleared(spec.env):
         argv += ["--env", f"{name}={_apptainer_literal(name, value)}"]
     return [*argv, *spec.runtime_args, spec.image, spec.python]
+
+
+def _with_host_python_cleared(env: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    given = {name for name, _ in env}
+    return [(name, value) for name, value in HOST_PYTHON_ENV if name not in given] + list(env)
 
 
 def _apptainer_literal(name: str, value: str) -> str:
@@ -184,7 +194,8 @@ def _apptainer_literal(name: str, value: str) -> str:
 def _oci(spec: ContainerSpec, binds: Sequence[Bind], uid: int, gid: int) -> list[str]:
     """Docker and Podman: host network and IPC (the rendezvous and NCCL's shared memory), never a registry pull (the
     image that runs is the one the preflight checked and the run recorded), the host user's ids on files."""
-    argv = [spec.executable, "run", "--rm", "--pull", "never", "--network", "host", "--ipc", "host"]
+    argv = [spec.executable, "run", "--rm", "--pull", "never", "--network", "host", "--ipc", "host",
+            "-w", binds[0].dst]
     if spec.runtime == "docker":
         argv += ["--user", f"{uid}:{gid}"]
         if spec.gpus:
@@ -216,9 +227,8 @@ def _charliecloud(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
             raise ConfigError(f"container bind '{bind.spec()}': Charliecloud mounts binds read-write only; drop "
                               f"':ro' or use another runtime")
         argv += ["-b", f"{bind.src}:{bind.dst}"]
-    if spec.env:
-        argv.append("--env-no-expand")  # values stay literal, as in every other runtime ($PATH is not expanded)
-    for name, value in spec.env:
+    argv += ["-c", binds[0].dst, "--env-no-expand"]  # start in work_dir; values stay literal ($PATH unexpanded)
+    for name, value in _with_host_python_cleared(spec.env):
         argv.append(f"--set-env={name}={value}")
     # GPUs: ch-run shares the host's /dev; the driver's libraries enter the image once with `ch-fromhost --nvidia`.
     return [*argv, *spec.runtime_args, spec.image, "--", spec.python]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -165,18 +166,28 @@ def sha256_file(path: str) -> str:
 
 @needs_images
 @pytest.mark.parametrize("runtime", ["charliecloud", "apptainer", "docker", "podman"])
-def test_environment_values_reach_the_rank_literally(tmp_path, runtime):
-    """container.env means the same in every runtime: no runtime expands `$PATH` or splits at `;`."""
+def test_the_rank_sees_its_own_environment_not_the_host_pythons(tmp_path, runtime):
+    """container.env means the same in every runtime (no runtime expands `$PATH`, runs `$(id)` or splits at `;`),
+    the rank starts in work_dir, and the host's PYTHONPATH (a checkout, say) never reaches the image's Python."""
     image = {"apptainer": SIF, "docker": DOCKER_IMAGE}.get(runtime, IMAGE_DIR)
     value = AWKWARD_SECTION["env"]["MSG"] + " `id` $(id) \\$HOME \\"
     section = dict(config_lib.defaults()["container"], image=image, env={"MSG": value})
     spec = container.make_spec(section, runtime, gpus=False)
-    argv = container.build_command(spec, str(tmp_path), os.getuid(), os.getgid())
-    env = dict(os.environ, **container_check.runtime_env(spec))
-    proc = subprocess.run([*argv, "-c", "import os; print(os.environ['MSG'])"], capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path, env=env)
+    work, host_code = tmp_path / "work", tmp_path / "host code"
+    work.mkdir()
+    host_code.mkdir()
+    (host_code / "leaky.py").write_text("")
+    argv = container.build_command(spec, str(work), os.getuid(), os.getgid())
+    env = dict(os.environ, PYTHONPATH=str(host_code), **container_check.runtime_env(spec))
+    probe = ("import importlib.util, json, os, sys; print(json.dumps({'msg': os.environ['MSG'], 'cwd': os.getcwd(), "
+             "'leaky': importlib.util.find_spec('leaky') is not None, 'user_site': not sys.flags.no_user_site}))")
+    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=180, cwd=host_code, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.rstrip("\n") == value
+    seen = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["msg"] == value
+    assert seen["cwd"] == str(work)
+    assert not seen["leaky"]
+    assert not seen["user_site"] or runtime in ("docker", "podman")  # OCI runtimes pass no host variables at all
 
 
 # ----------------------------------------------------------------------------------------------- preflight
@@ -358,7 +369,9 @@ def test_the_apptainer_image_was_built_from_the_repository_definition_file():
                              check=True).stdout
     recipe = (REPO / "containers" / "stride-cpu.def").read_text()
     wheels = os.environ.get("STRIDE_WHEEL_DIR") or str(Path(IMAGE_DIR).parent / "wheels")
-    # Apptainer stores the recipe from its first keyword on, with the build arguments filled in.
-    expected = recipe[recipe.index("Bootstrap:"):].replace("{{ WHEELS }}", wheels).replace("{{ REPO }}", str(REPO))
-    assert deffile.strip() == expected.strip()
+    # Apptainer stores the recipe from its first keyword on, with the build arguments filled in (REPO: whichever
+    # checkout of this repository built the image; setup.sh rebuilds it whenever the recipe or stride changes).
+    parts = [re.escape(part.replace("{{ WHEELS }}", wheels)) for part in
+             recipe[recipe.index("Bootstrap:"):].strip().split("{{ REPO }}")]
+    assert re.fullmatch(r"/\S+".join(parts), deffile.strip()), deffile
     assert deffile.startswith("Bootstrap: debootstrap\n")
