@@ -107,8 +107,9 @@ def after_stop(run: RunDir, env: distenv.DistEnv, config: dict, result: dict) ->
     from stride import slurm
 
     signal_name = result.get("reason", "")
-    seconds_left = slurm.time_left_s(env.job_id) if signal_name != "SIGTERM" else None
-    reason = requeue_lib.classify_signal(signal_name, seconds_left, config["slurm"]["signal_delay_s"])
+    preempted = slurm.being_preempted(env.job_id)
+    seconds_left = slurm.time_left_s(env.job_id) if signal_name != "SIGTERM" and not preempted else None
+    reason = requeue_lib.classify_signal(signal_name, seconds_left, config["slurm"]["signal_delay_s"], preempted)
     decision = _requeue_decision(run, env, config, reason, signal=signal_name, step=result.get("step"),
                                  epoch=result.get("epoch"), seconds_left=seconds_left)
     state = "requeued" if decision.requeue else ("timeout" if reason == "timeout" else "stopped")

@@ -1,6 +1,7 @@
 """Whether a stopped or crashed SLURM job goes back in the queue, and why: pure decisions, recorded in the run.
 
-Preemptions always requeue (they are not the run's fault). Time limits requeue a bounded number of times, so a run
+Preemptions always requeue (they are not the run's fault), whether Slurm announced them with SIGTERM or with the
+job's --signal. Time limits requeue a bounded number of times, so a run
 that can never finish does not cycle forever. A crash is retried only while each attempt fails differently: the same
 error twice in a row is a bug, not bad luck.
 """
@@ -55,8 +56,13 @@ def history_since_resume(metadata: Mapping) -> list[dict]:
     return [d for d in history if _when(d) is None or _when(d) > latest]
 
 
-def classify_signal(signal_name: str, seconds_left: Optional[float], signal_delay_s: float) -> str:
-    """USR2 near the end of the allocation is the time-limit warning; any other USR2 is a preemption notice."""
+def classify_signal(signal_name: str, seconds_left: Optional[float], signal_delay_s: float,
+                    preempted: bool = False) -> str:
+    """Any signal while Slurm preempts the job (its PreemptTime is set) is the preemption's: SIGTERM at the start of
+    GraceTime, or the job's --signal with PreemptParameters=send_user_signal. Otherwise USR2 near the end of the
+    allocation is the time-limit warning, any other USR2 a preemption notice, and SIGTERM a cancel."""
+    if preempted:
+        return "preempted"
     if signal_name == "SIGTERM":
         return "terminated"
     if seconds_left is not None and seconds_left <= signal_delay_s + TIMEOUT_MARGIN_S:
@@ -70,8 +76,8 @@ def decide(reason: str, history: Sequence[dict], max_timeout_requeues: int, max_
     if reason == "preempted":
         return Decision(reason, True, "preempted: requeued (preemptions do not count against any limit)")
     if reason == "terminated":
-        return Decision(reason, False, "SIGTERM (scancel, or a preemption the site requeues itself): checkpointed, "
-                                       "not requeued by stride")
+        return Decision(reason, False, "SIGTERM without a preemption (scancel or the end of the job): checkpointed, "
+                                       "not requeued")
     if reason == "timeout":
         done = sum(1 for d in history if d.get("reason") == "timeout" and d.get("requeue"))
         if done >= max_timeout_requeues:

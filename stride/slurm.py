@@ -274,6 +274,24 @@ def time_left_s(job_id: str, timeout_s: float = 15.0) -> Optional[float]:
     return parse_time_left(result.stdout) if result.returncode == 0 else None
 
 
+_PREEMPT_TIME = re.compile(r"(?:^|\s)PreemptTime=(\S+)")
+
+
+def parse_preempted(show_job_text: str) -> bool:
+    """Whether `scontrol show job -o` says Slurm has picked the job for preemption (PreemptTime set)."""
+    match = _PREEMPT_TIME.search(show_job_text)
+    return bool(match) and match.group(1) not in ("None", "Unknown", "N/A")
+
+
+def being_preempted(job_id: str, timeout_s: float = 15.0) -> bool:
+    """True while a preemption's GraceTime runs: the SIGTERM (or --signal) the ranks got is that preemption's."""
+    try:
+        result = run_command(["scontrol", "show", "job", "-o", str(job_id)], timeout_s)
+    except ClusterError:
+        return False
+    return result.returncode == 0 and parse_preempted(result.stdout)
+
+
 def requeue(job_id: str, timeout_s: float = 30.0) -> Optional[str]:
     """`scontrol requeue JOB`: the job goes back to pending with the same id; returns an error message or None."""
     try:

@@ -102,7 +102,8 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
         nodes = q["nodes"] or nodes
     elif job_id and state in ("pending", "running", "stopped", "requeued") and status.get("launcher") == "slurm":
         ended = accounting.get(job_id, {}).get("state", "").lower()
-        if ended and ended not in ("pending", "running", "requeued"):
+        # A run that stopped on a signal ends its job cleanly: Slurm's "completed" would hide that it is unfinished.
+        if ended and ended not in ("pending", "running", "requeued") and (state, ended) != ("stopped", "completed"):
             state = ended
         else:
             state = _ending_from_logs(run, job_id) or ("lost" if state != "stopped" else state)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from stride.requeue import classify_signal, decide, history_since_resume, parse_time_left
+from stride.slurm import parse_preempted
 
 
 @pytest.mark.parametrize("text, seconds", [("1-02:03:04", 93784.0), ("2:03:04", 7384.0), ("03:04", 184.0),
@@ -18,6 +19,22 @@ def test_usr2_near_the_limit_is_a_timeout_and_earlier_a_preemption():
     assert classify_signal("SIGUSR2", 600.0, signal_delay_s=90) == "preempted"
     assert classify_signal("SIGUSR2", None, signal_delay_s=90) == "preempted"
     assert classify_signal("SIGTERM", 10.0, signal_delay_s=90) == "terminated"
+
+
+def test_any_signal_during_a_preemption_is_the_preemption():
+    # SIGTERM at the start of GraceTime, or the job's --signal with PreemptParameters=send_user_signal: the job's
+    # end time is then only GraceTime away, which must not read as the time-limit warning.
+    assert classify_signal("SIGTERM", None, signal_delay_s=90, preempted=True) == "preempted"
+    assert classify_signal("SIGUSR2", 30.0, signal_delay_s=90, preempted=True) == "preempted"
+
+
+@pytest.mark.parametrize("text, preempted", [
+    ("JobId=7 JobName=x PreemptEligibleTime=2026-12-01T19:45:44 PreemptTime=2026-12-01T19:45:47 SuspendTime=None",
+     True),
+    ("JobId=7 JobName=x PreemptEligibleTime=2026-12-01T19:45:44 PreemptTime=None SuspendTime=None", False),
+    ("slurm_load_jobs error: Invalid job id specified", False)])
+def test_preempt_time_from_scontrol_show_job(text, preempted):
+    assert parse_preempted(text) is preempted
 
 
 def test_preemptions_always_requeue_and_do_not_count_against_timeouts():

@@ -49,6 +49,35 @@ def test_usr2_checkpoints_requeues_and_resumes_to_the_same_weights(tmp_path, str
     assert steps == [r["step"] for r in read_jsonl(whole / "metrics.jsonl") if r["split"] == "train"]
 
 
+def test_a_real_preemption_checkpoints_requeues_and_resumes_to_the_same_weights(tmp_path, stride):
+    """A job in the higher-tier `urgent` partition takes both nodes: Slurm sends SIGTERM and starts GraceTime; stride
+    sees the job's PreemptTime, checkpoints, requeues it and the run continues as if nothing happened."""
+    cut, job_id = submitted(stride("submit", "work_dir=cut", *EXACT, *JOB))
+    wait_for(lambda: train_step(cut) >= 100, 240, 0.2, what="the job to train 100 steps")
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--nodes", "2", "--exclusive",
+                             "--time", "2", "--output", str(tmp_path / "urgent.out"), "--wrap", "sleep 5"],
+                            check=True, capture_output=True, text=True, timeout=30).stdout.strip()
+    whole, whole_job = submitted(stride("submit", "work_dir=whole", *EXACT, *JOB))
+
+    wait_for(lambda: read_json(cut / "metadata.json").get("requeues"), 90, 0.2, what="a recorded decision")
+    requeues = read_json(cut / "metadata.json")["requeues"]
+    assert [(r["reason"], r["requeue"], r["signal"]) for r in requeues] == [("preempted", True, "SIGTERM")]
+    wait_for(lambda: job_state(job_id) == "PENDING", 60, 0.2, what="the preempted job to be requeued")
+    assert stride("status", "cut").stdout.splitlines()[1].split()[1] == "requeued"
+    stopped_at = requeues[0]["step"]
+    assert 100 <= stopped_at < run_status(cut)["total_steps"]
+
+    wait_gone(urgent, timeout_s=120)
+    scontrol("update", f"JobId={job_id}", "StartTime=now")  # skip Slurm's requeue delay
+    wait_gone(job_id, timeout_s=300)
+    wait_gone(whole_job, timeout_s=300)
+    assert run_status(cut)["state"] == "completed" and run_status(whole)["state"] == "completed"
+    assert_bitwise_equal(whole, cut)
+    attempts = read_json(cut / "metadata.json")["attempts"]
+    assert [(a["job_id"], a["restart"]) for a in attempts] == [(job_id, 0), (job_id, 1)]
+    assert "resumed from" in (cut / "logs" / "rank_0.log").read_text()
+
+
 def test_time_limit_stops_with_a_checkpoint_and_respects_the_requeue_bound(tmp_path, stride):
     # A one-minute job warned 45 s before its limit; no timeout requeue allowed.
     run, job_id = submitted(stride("submit", "work_dir=exp", "--nodes", "1", "--tasks-per-node", "2", "--time", "1",

@@ -40,6 +40,12 @@ def test_a_recorded_exception_and_a_cancellation_are_left_as_they_are(tmp_path):
     assert describe(cancelled, queue={}, accounting={"44": {"state": "CANCELLED"}})["state"] == "cancelled"
 
 
+def test_a_run_stopped_by_a_signal_is_not_called_completed_by_its_clean_job_exit(tmp_path):
+    stopped = slurm_run(tmp_path, state="stopped", epoch=2)
+    assert describe(stopped, queue={}, accounting={"44": {"state": "COMPLETED"}})["state"] == "stopped"
+    assert describe(stopped, queue={}, accounting={"44": {"state": "TIMEOUT"}})["state"] == "timeout"
+
+
 def test_a_step_ended_by_srun_is_not_a_cancelled_job(tmp_path):
     step_only = "slurmstepd-node1: error: *** STEP 44.0 ON node1 CANCELLED AT 2026-12-01T16:32:11 ***\n"
     assert describe(slurm_run(tmp_path, log=step_only), queue={}, accounting={})["state"] == "lost"
