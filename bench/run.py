@@ -302,6 +302,12 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
         noise = [b / a for a, b in zip(raw, raw[1:])]
         if noise:
             rows.append(Row(f"{label}: for scale, raw/raw of neighbouring repetitions", "", "", spread(noise, ".3f")))
+        # The fast steps: what a step costs when nothing else on the machine interferes. The 10th percentile of
+        # thousands of step durations per process barely moves with the noise that swings whole-run throughput.
+        fast = [p["raw"]["p10_step_ms"] / p["stride"]["p10_step_ms"] for p in pairs]
+        rows.append(Row(f"{label}: fast step (10th percentile of step durations), ms",
+                        spread([p["raw"]["p10_step_ms"] for p in pairs], ".3f"),
+                        spread([p["stride"]["p10_step_ms"] for p in pairs], ".3f"), spread(fast, ".3f") + " (speed)"))
         unit = "images" if name == "cnn" else "samples"
         rows.append(Row(f"{label}: training {unit}/s", spread([p["raw"]["samples_per_s"] for p in pairs], ",.0f"),
                         spread([p["stride"]["samples_per_s"] for p in pairs], ",.0f"), ""))
