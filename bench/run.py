@@ -353,6 +353,11 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
                         "≤ 0.10", ratio <= 0.10))
         rows.append(Row("same, the run's first checkpoint (allocates the host buffers), ms", "",
                         spread(first, ".0f"), spread([s / med(raw_stall) for s in first], ".3f")))
+        blocked = [s for p in pairs for s in p["stride"]["checkpoint"].get("save_stall_ms", [])[1:]]
+        if blocked:
+            rows.append(Row("same, by stride's own record: the training thread blocked (buffers' copy, and the wait "
+                            "before the next optimizer step for the weights' copy), ms", "", spread(blocked, ".1f"),
+                            spread([s / med(raw_stall) for s in blocked], ".3f")))
         slow = [s for p in pairs for s in p["stride"]["checkpoint"]["slowdown_during_write_ms"][1:]]
         rows.append(Row("steps slowed while the background write runs (sum), ms", "", spread(slow, ".0f"),
                         spread([s / med(raw_stall) for s in slow], ".3f")))

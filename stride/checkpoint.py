@@ -33,20 +33,26 @@ class HostStaging:
 
     Fresh host memory costs a page fault per 4 KiB page on first touch, as much as the copy itself; a reused buffer
     costs one memcpy. Tensors on CUDA go to pinned buffers with `non_blocking=True` on the current stream (which
-    orders them before the next optimizer step), so the training thread only enqueues them; the writer calls
-    `ready()` before reading. The caller must not copy again until the previous copy was written (Checkpointer waits).
+    orders them before the next optimizer step), so the training thread only enqueues them. CPU tensors named in
+    `late` (weights and optimizer state, which only the next optimizer step changes) are copied on a helper thread
+    while the next forward and backward run; the caller calls `ready()` before that step, and the writer before
+    reading. The caller must not copy again until the previous copy was written (Checkpointer waits).
     """
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._events: list[Any] = []
+        self._copier: Optional[threading.Thread] = None
+        self._copy_error: Optional[BaseException] = None
         self.state: Any = None
         """What the last `copy()` returned."""
 
-    def copy(self, state: Any) -> Any:
+    def copy(self, state: Any, late: frozenset = frozenset()) -> Any:
+        """`late`: data pointers of CPU tensors that may be copied after this returns (until `ready()`)."""
         used: dict[tuple, torch.Tensor] = {}
         cuda_devices: set[int] = set()
-        out = self.state = self._copy(state, (), used, {}, cuda_devices)
+        deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out = self.state = self._copy(state, (), used, {}, cuda_devices, (late, deferred))
         self._buffers = used
         self._events = []
         for index in sorted(cuda_devices):
@@ -54,33 +60,57 @@ class HostStaging:
                 event = torch.cuda.Event()
                 event.record()
                 self._events.append(event)
+        if deferred:
+            self._copier = threading.Thread(target=self._copy_pairs, args=(deferred,), name="stride-staging",
+                                            daemon=True)
+            self._copier.start()
         return out
 
     def ready(self) -> None:
-        """Block until the copies `copy()` enqueued have landed (nothing to wait for with CPU tensors)."""
+        """Block until every copy `copy()` started has landed; re-raise a failed copy's error."""
+        copier = self._copier
+        if copier is not None:
+            copier.join()
+            self._copier = None
         for event in self._events:
             event.synchronize()
         self._events = []
+        if self._copy_error is not None:
+            error, self._copy_error = self._copy_error, None
+            raise error
 
-    def _copy(self, value: Any, key: tuple, used: dict, memo: dict, cuda_devices: set) -> Any:
+    def _copy_pairs(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        try:
+            for buffer, tensor in pairs:
+                buffer.copy_(tensor)
+        except BaseException as exc:  # re-raised by ready(), on a thread that can report it
+            self._copy_error = exc
+
+    def _copy(self, value: Any, key: tuple, used: dict, memo: dict, cuda_devices: set, later: tuple) -> Any:
         if isinstance(value, torch.Tensor):
             if id(value) not in memo:  # a tensor reachable twice (tied weights) gets one copy, as torch.save keeps it
-                memo[id(value)] = self._copy_tensor(value.detach(), key, used, cuda_devices)
+                memo[id(value)] = self._copy_tensor(value.detach(), key, used, cuda_devices, later)
             return memo[id(value)]
         if isinstance(value, dict):
-            return {k: self._copy(v, key + (k,), used, memo, cuda_devices) for k, v in value.items()}
+            return {k: self._copy(v, key + (k,), used, memo, cuda_devices, later) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return type(value)(self._copy(v, key + (i,), used, memo, cuda_devices) for i, v in enumerate(value))
+            return type(value)(self._copy(v, key + (i,), used, memo, cuda_devices, later)
+                               for i, v in enumerate(value))
         return value
 
-    def _copy_tensor(self, tensor: torch.Tensor, key: tuple, used: dict, cuda_devices: set) -> torch.Tensor:
+    def _copy_tensor(self, tensor: torch.Tensor, key: tuple, used: dict, cuda_devices: set,
+                     later: tuple) -> torch.Tensor:
         if type(tensor) is not torch.Tensor or tensor.layout != torch.strided or not tensor.is_contiguous():
             return tensor.to("cpu", copy=True)  # subclasses, sparse, strided views: a plain copy, not reused
         on_cuda = tensor.device.type == "cuda"
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=on_cuda)
-        buffer.copy_(tensor, non_blocking=on_cuda)
+        late, deferred = later
+        if not on_cuda and tensor.data_ptr() in late:
+            deferred.append((buffer, tensor))
+        else:
+            buffer.copy_(tensor, non_blocking=on_cuda)
         if on_cuda:
             cuda_devices.add(tensor.device.index)
         used[key] = buffer
@@ -254,22 +284,31 @@ class Checkpointer:
         return checkpoint_files.step_files(self.directory)
 
     def save(self, state: dict, step: int, wait: bool = False,
-             weights: Optional[tuple[Path, dict, HostStaging]] = None) -> None:
+             weights: Optional[tuple[Path, dict, HostStaging]] = None, late: frozenset = frozenset()) -> None:
         """Copy `state` to host memory now; write it in the background unless `wait` (or background writes are off).
 
         `weights=(path, extra, staging)` also writes `{"model": <the model state staging holds>, **extra}` there
         (best.pt) before the checkpoint, so a checkpoint's record of the best weights never runs ahead of the file.
-        The caller must not copy into `staging` again before this write is done (`wait()`).
+        The caller must not copy into `staging` again before this write is done (`wait()`). `late` (CPU tensors'
+        data pointers) may be copied while training goes on, until `staging_ready()`, which the caller must call
+        before anything changes them.
         """
         record = SaveRecord(step=step, started=time.perf_counter())
         self.wait()  # the previous write holds the staging buffers until it is on disk
-        host_state = self._staging.copy(state)
+        host_state = self._staging.copy(state, late if self.background and not wait else frozenset())
         record.stall_s = time.perf_counter() - record.started
         self.history.append(record)
         if not self.background or wait:
             self._write(host_state, record, weights)
         else:
             self._writer.submit(self._write, host_state, record, weights)
+
+    def staging_ready(self) -> None:
+        """Block until the last checkpoint's host copy is whole: before the next optimizer step changes weights."""
+        start = time.perf_counter()
+        self._staging.ready()
+        if self.history:
+            self.history[-1].stall_s += time.perf_counter() - start  # what the training thread paid, in all
 
     def wait(self) -> None:
         """Block until the pending write is on disk; re-raise its error here, on the training thread."""

@@ -367,6 +367,7 @@ class _Loop:
                                          background=self.tk["async_checkpoint"])
         self.best_staging = HostStaging()  # rank 0: the best weights since the last checkpoint, until it is written
         self.best_unsaved = False
+        self.staging_in_flight = False  # rank 0: a checkpoint's host copy that the next optimizer step must wait for
         # status.json updates during training go through their own thread: each costs two fsyncs.
         self.status_writer = BackgroundWriter("stride-status")
         self.last_progress_time = -math.inf
@@ -432,8 +433,16 @@ class _Loop:
         if self.is_main:
             weights = (self.run_dir.best_weights, {"best": self.best}, self.best_staging) if self.best_unsaved else None
             self.best_unsaved = False
-            self.checkpointer.save(state, step, wait=wait, weights=weights)
+            self.checkpointer.save(state, step, wait=wait, weights=weights, late=self._changed_only_by_steps())
+            self.staging_in_flight = not wait
         self.last_checkpoint_time = time.monotonic()
+
+    def _changed_only_by_steps(self) -> frozenset:
+        """Data pointers of the tensors only an optimizer step changes (weights, optimizer state): their checkpoint
+        copy may overlap the next forward and backward. Buffers (BatchNorm statistics) change in forward: not here."""
+        tensors = [p for group in self.optimizer.param_groups for p in group["params"]]
+        tensors += [v for state in self.optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return frozenset(t.data_ptr() for t in tensors if t.device.type == "cpu")
 
     def _keep_best(self) -> None:
         """New best weights: a host copy now (one memcpy into kept buffers); best.pt is written with the next
@@ -622,6 +631,9 @@ class _Loop:
                 if tk["grad_clip_norm"]:
                     self.scaler.unscale_(self.optimizer)
                     nn.utils.clip_grad_norm_(self.raw_model.parameters(), tk["grad_clip_norm"])
+                if self.staging_in_flight:  # the last checkpoint's host copy may still be reading the weights
+                    self.checkpointer.staging_ready()
+                    self.staging_in_flight = False
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)

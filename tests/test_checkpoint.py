@@ -125,3 +125,61 @@ def test_best_weights_are_written_from_their_own_host_copy_before_the_checkpoint
     checkpoint = torch.load(ckpt.path_for(7), weights_only=True)
     assert torch.equal(checkpoint["model"]["w"], torch.full((50_000,), 7.0))
     assert (tmp_path / "weights" / "best.pt").stat().st_mtime_ns <= ckpt.path_for(7).stat().st_mtime_ns
+
+
+def test_a_late_copy_holds_the_values_at_save_time_once_ready(tmp_path):
+    """Weights named `late` are copied on a helper thread; after staging_ready() the next "optimizer step" may
+    change them and the file still holds the values at save time."""
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+    live = {"step": 3, "model": {"w": torch.full((4_000_000,), 3.0), "running_mean": torch.full((8,), 3.0)}}
+    ckpt.save(live, 3, late=frozenset({live["model"]["w"].data_ptr()}))
+    live["model"]["running_mean"].fill_(4.0)  # a buffer the next forward changes: copied before save returned
+    ckpt.staging_ready()
+    live["model"]["w"].fill_(4.0)  # the next optimizer step
+    ckpt.close()
+    saved = torch.load(ckpt.path_for(3), weights_only=True)["model"]
+    assert torch.equal(saved["w"], torch.full((4_000_000,), 3.0))
+    assert torch.equal(saved["running_mean"], torch.full((8,), 3.0))
+
+
+def test_background_checkpoints_hold_exactly_what_synchronous_ones_do(tmp_path, monkeypatch):
+    """The host copy of weights and optimizer state overlaps the next forward and backward: every checkpoint must
+    still equal the one a synchronous save takes at the same step, tensor for tensor and bit for bit. The copy is
+    slowed down so that it always outlasts the next forward and backward."""
+    import time
+
+    from stride import Trainer
+    from stride.checkpoint import HostStaging
+
+    copy_pairs = HostStaging._copy_pairs
+
+    def slow_copy_pairs(self, pairs):
+        time.sleep(0.05)
+        copy_pairs(self, pairs)
+
+    monkeypatch.setattr(HostStaging, "_copy_pairs", slow_copy_pairs)
+
+    def train(name: str, background: bool) -> Path:
+        Trainer(work_dir=tmp_path / name, model_kwargs={"model_name": "MLP", "hidden": [1024, 1024]}, device="cpu",
+                training_kwargs={"epochs": 2, "deterministic": True, "checkpoint_every_steps": 3,
+                                 "keep_last_checkpoints": 100, "async_checkpoint": background}).fit()
+        return tmp_path / name / "0" / "checkpoints"
+
+    background, synchronous = train("background", True), train("synchronous", False)
+    files = names(background, "step_*.pt")
+    assert len(files) > 5 and files == names(synchronous, "step_*.pt")
+    for name in files:
+        a = torch.load(background / name, weights_only=True)
+        b = torch.load(synchronous / name, weights_only=True)
+        for part in ("model", "optimizer"):
+            flat_a, flat_b = _tensors(a[part]), _tensors(b[part])
+            assert flat_a.keys() == flat_b.keys()
+            for key in flat_a:
+                assert torch.equal(flat_a[key], flat_b[key]), (name, part, key)
+
+
+def _tensors(value, prefix: str = "") -> dict:
+    if torch.is_tensor(value):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return {k: v for key, item in items for k, v in _tensors(item, f"{prefix}/{key}").items()}

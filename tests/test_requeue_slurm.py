@@ -63,6 +63,7 @@ def test_a_real_preemption_checkpoints_requeues_and_resumes_to_the_same_weights(
     requeues = read_json(cut / "metadata.json")["requeues"]
     assert [(r["reason"], r["requeue"], r["signal"]) for r in requeues] == [("preempted", True, "SIGTERM")]
     wait_for(lambda: job_state(job_id) == "PENDING", 60, 0.2, what="the preempted job to be requeued")
+    wait_for(lambda: not processes_of_job(job_id), 10, 0.2, what="every process of the preempted attempt to end")
     assert stride("status", "cut").stdout.splitlines()[1].split()[1] == "requeued"
     stopped_at = requeues[0]["step"]
     assert 100 <= stopped_at < run_status(cut)["total_steps"]
