@@ -66,6 +66,11 @@ class HostStaging:
             self._copier.start()
         return out
 
+    @property
+    def pending(self) -> bool:
+        """Whether a late copy may still be running (until `ready()`)."""
+        return self._copier is not None
+
     def ready(self) -> None:
         """Block until every copy `copy()` started has landed; re-raise a failed copy's error."""
         copier = self._copier
@@ -302,6 +307,11 @@ class Checkpointer:
             self._write(host_state, record, weights)
         else:
             self._writer.submit(self._write, host_state, record, weights)
+
+    @property
+    def copy_pending(self) -> bool:
+        """Whether the last save's late copy may still be reading its tensors: call `staging_ready()` first."""
+        return self._staging.pending
 
     def staging_ready(self) -> None:
         """Block until the last checkpoint's host copy is whole: before the next optimizer step changes weights."""

@@ -11,6 +11,15 @@ from typing import Any, Mapping, Sequence
 
 from stride.config import flatten
 
+# Metric names that mean "lower is better"; any other metric (accuracy, f1, auc, r2, ...) is better higher.
+LOWER_IS_BETTER = ("loss", "error", "err", "mse", "mae", "perplexity", "ppl")
+
+
+def higher_is_better(metric: str) -> bool:
+    """The one rule for which way a metric improves: the best checkpoint and `stride status --sort` both use it."""
+    return not any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
 # Where a run lives, not how it trains: any two runs differ there, so a diff that showed them would never be empty.
 IDENTITY_KEYS = frozenset({"work_dir", "run"})
 ABSENT = "(not set)"

@@ -68,7 +68,7 @@ class TrainingKwargs:
     best_metric: Optional[str] = None
     """Validation metric that picks the best weights; None means val_accuracy (classification) or val_loss."""
     best_mode: str = "auto"
-    """max, min, or auto (max for accuracy, min for losses)."""
+    """max, min, or auto (min for losses and errors, max for accuracy, f1, auc and the like)."""
     checkpoint_every_steps: int = 0
     """Also checkpoint every N optimizer steps (0: by time only, plus the last epoch and stop requests)."""
     checkpoint_every_minutes: float = 5.0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from stride import slurm
+from stride.compare import higher_is_better
 from stride.rundir import RunDir
 
 FINAL_STATES = {"completed", "failed", "cancelled", "timeout", "stopped"}
@@ -153,15 +154,12 @@ def _render(columns: list[str], table: list[list[str]]) -> list[str]:
     return lines
 
 
-LOWER_IS_BETTER = ("loss", "error", "err", "mse", "mae", "perplexity", "ppl")
-
-
 def sort_rows(rows: list[dict], metric: Optional[str]) -> list[dict]:
     """Best first by `metric` (smallest for losses and errors, largest for accuracy, f1, auc...); runs without it
     last."""
     if not metric:
         return rows
-    maximize = not any(word in metric.lower() for word in LOWER_IS_BETTER)
+    maximize = higher_is_better(metric)
     have = [r for r in rows if isinstance(r["metrics"].get(metric), (int, float))]
     lacking = [r for r in rows if r not in have]
     return sorted(have, key=lambda r: r["metrics"][metric], reverse=maximize) + lacking

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from stride import config as config_lib
 from stride import registry
 from stride.checkpoint import BackgroundWriter, Checkpointer, HostStaging, load_file, save_file
+from stride.compare import higher_is_better
 from stride.datasets import DataSplits
 from stride.distenv import DistEnv
 from stride.errors import ConfigError, RunError
@@ -362,7 +363,7 @@ class _Loop:
         self.classification = trainer.data.task == "classification"
         self.best_metric = self.tk["best_metric"] or ("val_accuracy" if self.classification else "val_loss")
         mode = self.tk["best_mode"]
-        self.maximize = mode == "max" or (mode == "auto" and "acc" in self.best_metric)
+        self.maximize = mode == "max" or (mode == "auto" and higher_is_better(self.best_metric))
         self.checkpointer = Checkpointer(run_dir.checkpoints_dir, self.tk["keep_last_checkpoints"],
                                          background=self.tk["async_checkpoint"])
         self.best_staging = HostStaging()  # rank 0: the best weights since the last checkpoint, until it is written
@@ -434,7 +435,7 @@ class _Loop:
             weights = (self.run_dir.best_weights, {"best": self.best}, self.best_staging) if self.best_unsaved else None
             self.best_unsaved = False
             self.checkpointer.save(state, step, wait=wait, weights=weights, late=self._changed_only_by_steps())
-            self.staging_in_flight = not wait
+            self.staging_in_flight = self.checkpointer.copy_pending
         self.last_checkpoint_time = time.monotonic()
 
     def _changed_only_by_steps(self) -> frozenset:
