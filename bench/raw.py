@@ -34,11 +34,15 @@ DATASETS: dict[str, Callable[..., Any]] = {"digits": datasets.digits,
 MODELS: dict[str, Callable[..., nn.Module]] = {"CNN": models.CNN, "MLP": models.MLP, "ResNet": models.ResNet}
 
 
-def _dataset_builder(name: str) -> Callable[..., Any]:
-    if ":" in name:  # module:function, as stride resolves it
+def _import(name: str, table: dict) -> Callable[..., Any]:
+    if ":" in name:  # module:attr, as stride resolves it
         module, _, attr = name.partition(":")
         return getattr(importlib.import_module(module), attr)
-    return DATASETS[name]
+    return table[name]
+
+
+def _dataset_builder(name: str) -> Callable[..., Any]:
+    return _import(name, DATASETS)
 
 
 def build(workload: Workload, device: torch.device):
@@ -47,16 +51,18 @@ def build(workload: Workload, device: torch.device):
     splits = _dataset_builder(kwargs.pop("dataset_name"))(**kwargs)
     kwargs = dict(workload.model_kwargs)
     torch.manual_seed(workload.seed)
-    model = MODELS[kwargs.pop("model_name")](splits.input_shape, splits.num_outputs, **kwargs)
+    model = _import(kwargs.pop("model_name"), MODELS)(splits.input_shape, splits.num_outputs, **kwargs)
     return splits, model.to(device)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, classification: bool,
-             autocast: Callable[[], Any]) -> dict:
+             autocast: Callable[[], Any], kind: str = "supervised") -> dict:
     # A loader without a generator of its own draws a seed from the global RNG each time it is iterated, which
     # would shift the dropout stream by how often we evaluate: evaluation gets its own.
     loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda", generator=torch.Generator())
+    if kind == "lm":
+        return _evaluate_lm(model, loader, device, autocast)
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count: no per-batch sync
     for inputs, targets in loader:
@@ -79,10 +85,30 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
     return metrics
 
 
+@torch.no_grad()
+def _evaluate_lm(model: nn.Module, loader: DataLoader, device: torch.device, autocast: Callable[[], Any]) -> dict:
+    """The language model's metrics: bench.lm's per-batch sums, added up on the device, read once."""
+    from bench import lm
+
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    for batch in loader:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        targets = batch["targets"].to(device, non_blocking=True)
+        with autocast():
+            sums = lm.next_token_sums(model(tokens), targets)
+        totals = {k: totals[k] + v for k, v in sums.items()} if totals else sums
+    model.train()
+    return lm.next_token_metrics(totals)
+
+
 def train(workload: Workload, splits, model: nn.Module, device: torch.device, out_dir: Path,
           precision: str = "fp32", compile: bool = False, log=None) -> dict:
     """Train `model` for the workload's epochs; returns final metrics and the number of optimizer steps."""
-    classification = splits.task == "classification"
+    lm_batches = workload.kind == "lm"  # {"tokens", "targets"} batches and bench.lm's next-token loss
+    if lm_batches:
+        from bench import lm  # not at the top: `python -m bench.raw` (the startup baseline) imports no more of stride
+    classification = splits.task == "classification" and not lm_batches
     on_cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=workload.lr, weight_decay=workload.weight_decay)
     steps_per_epoch = math.ceil(len(splits.train) / workload.batch_size)
@@ -100,6 +126,8 @@ def train(workload: Workload, splits, model: nn.Module, device: torch.device, ou
     loader_rng = torch.Generator().manual_seed(workload.seed)
     torch.manual_seed(workload.seed)  # dropout stream
     best_metric, best_value = ("accuracy", -math.inf) if classification else ("loss", -math.inf)
+    evaluation = dict(batch_size=workload.eval_batch, device=device, classification=classification, autocast=autocast,
+                      kind=workload.kind)
     best_path = out_dir / "best.pt"
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
@@ -110,12 +138,19 @@ def train(workload: Workload, splits, model: nn.Module, device: torch.device, ou
         order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(workload.seed + epoch))
         loader = DataLoader(splits.train, batch_size=workload.batch_size, sampler=order.tolist(),
                             generator=loader_rng, pin_memory=on_cuda)
-        for inputs, targets in loader:
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with autocast():
-                outputs = step_model(inputs)
-                loss = loss_fn(outputs.float(), targets if classification else targets.float())
+        for batch in loader:
+            if lm_batches:
+                tokens = batch["tokens"].to(device, non_blocking=True)
+                targets = batch["targets"].to(device, non_blocking=True)
+                with autocast():
+                    loss = lm.next_token_loss(step_model(tokens), targets)
+            else:
+                inputs, targets = batch
+                inputs = inputs.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                with autocast():
+                    outputs = step_model(inputs)
+                    loss = loss_fn(outputs.float(), targets if classification else targets.float())
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
@@ -132,7 +167,7 @@ def train(workload: Workload, splits, model: nn.Module, device: torch.device, ou
             if workload.checkpoint_every_steps and step % workload.checkpoint_every_steps == 0:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "scheduler": scheduler.state_dict(), "step": step}, out_dir / "checkpoint.pt")
-        val = evaluate(model, splits.val, workload.eval_batch, device, classification, autocast)
+        val = evaluate(model, splits.val, **evaluation)
         value = val[best_metric] if classification else -val["loss"]
         if value > best_value:
             best_value = value
@@ -141,8 +176,8 @@ def train(workload: Workload, splits, model: nn.Module, device: torch.device, ou
             log(f"epoch {epoch + 1}/{workload.epochs} " + " ".join(f"val_{k} {v:.4f}" for k, v in val.items()))
     torch.save(model.state_dict(), out_dir / "final.pt")
     model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
-    test = evaluate(model, splits.test, workload.eval_batch, device, classification, autocast)
-    val = evaluate(model, splits.val, workload.eval_batch, device, classification, autocast)
+    test = evaluate(model, splits.test, **evaluation)
+    val = evaluate(model, splits.val, **evaluation)
     return {"steps": step, **{f"test_{k}": v for k, v in test.items()}, **{f"val_{k}": v for k, v in val.items()}}
 
 

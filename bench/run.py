@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `stride` importable as packages
     sys.path.insert(0, str(REPO))
 
+from bench import workloads  # noqa: E402
 from bench.worker import foreign_load, machine_busy_s  # noqa: E402
 
 WORKER_TIMEOUT_S = 900
@@ -171,9 +172,14 @@ def run_worker(side: str, workload: str, args: argparse.Namespace, work_dir: Pat
     return result
 
 
+THROUGHPUT = ("mlp", "cnn", "lm")
+LABELS = {"mlp": "MLP, overhead-sensitive", "cnn": "CNN, the default", "lm": "char-LM, a stride.Task on dict batches"}
+TARGETS = {"mlp": 0.97, "cnn": 0.99, "lm": 0.99}
+
+
 def bench_throughput(args: argparse.Namespace, root: Path) -> dict:
     out: dict[str, Any] = {}
-    for name in ("mlp", "cnn"):
+    for name in args.workloads:
         out[name] = collect_pairs(
             name, args, lambda side, rep: run_worker(side, name, args, root / f"{name}-{rep}"),
             lambda p: f"raw {p['raw']['steps_per_s']:.1f} steps/s, stride {p['stride']['steps_per_s']:.1f} steps/s, "
@@ -288,14 +294,15 @@ def _verdict(met: Optional[bool]) -> str:
 def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     throughput = results.get("throughput", {})
-    for name, minimum in (("mlp", 0.97), ("cnn", 0.99)):
+    for name in THROUGHPUT:
         if not throughput.get(name):
             continue
+        minimum = TARGETS[name]
         pairs = counted(throughput[name])
         raw = [p["raw"]["steps_per_s"] for p in pairs]
         mine = [p["stride"]["steps_per_s"] for p in pairs]
         ratios = [p["stride"]["steps_per_s"] / p["raw"]["steps_per_s"] for p in pairs]
-        label = {"mlp": "MLP, overhead-sensitive", "cnn": "CNN, the default"}[name]
+        label = LABELS[name]
         rows.append(Row(f"{label}: training steps/s", spread(raw, ",.0f"), spread(mine, ",.0f"),
                         spread(ratios, ".3f"), f"≥ {minimum}", med(ratios) >= minimum))
         # The same loop twice, neighbours in time: what a ratio of two runs on this machine looks like by chance.
@@ -308,9 +315,11 @@ def build_rows(results: dict, args: argparse.Namespace) -> list[Row]:
         rows.append(Row(f"{label}: fast step (10th percentile of step durations), ms",
                         spread([p["raw"]["p10_step_ms"] for p in pairs], ".3f"),
                         spread([p["stride"]["p10_step_ms"] for p in pairs], ".3f"), spread(fast, ".3f") + " (speed)"))
-        unit = "images" if name == "cnn" else "samples"
-        rows.append(Row(f"{label}: training {unit}/s", spread([p["raw"]["samples_per_s"] for p in pairs], ",.0f"),
-                        spread([p["stride"]["samples_per_s"] for p in pairs], ",.0f"), ""))
+        unit, per_sample = {"cnn": ("images", 1), "lm": ("tokens", workloads.LM.dataset_kwargs["block_size"])}.get(
+            name, ("samples", 1))
+        rows.append(Row(f"{label}: training {unit}/s",
+                        spread([p["raw"]["samples_per_s"] * per_sample for p in pairs], ",.0f"),
+                        spread([p["stride"]["samples_per_s"] * per_sample for p in pairs], ",.0f"), ""))
         fit_ratios = [p["raw"]["fit_s"] / p["stride"]["fit_s"] for p in pairs]
         rows.append(Row(f"{label}: whole fit() incl. setup and test, s", spread([p["raw"]["fit_s"] for p in pairs], ".2f"),
                         spread([p["stride"]["fit_s"] for p in pairs], ".2f"), spread(fit_ratios, ".3f") + " (speed)"))
@@ -394,6 +403,7 @@ def render(results: dict, args: argparse.Namespace, command: str) -> str:
                   ""]
     parts = [(name, results.get("throughput", {}).get(key) if key else results.get(part, {}).get(field))
              for name, part, key, field in (("MLP", "throughput", "mlp", None), ("CNN", "throughput", "cnn", None),
+                                             ("char-LM", "throughput", "lm", None),
                                              ("first step", "startup", None, "rows"),
                                              ("checkpoint", "checkpoint", None, "pairs"))]
     used = ", ".join(f"{name} {sum(p['clean'] for p in pairs)} of {len(pairs)}" for name, pairs in parts if pairs)
@@ -435,6 +445,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="before each pair, wait up to this long for the machine to quieten (default 60)")
     parser.add_argument("--only", default="throughput,startup,cli,checkpoint",
                         help="comma-separated parts: throughput, startup, cli, checkpoint")
+    parser.add_argument("--workloads", default=",".join(THROUGHPUT),
+                        help=f"the throughput part's workloads, comma-separated (default {','.join(THROUGHPUT)})")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write every measurement here")
     parser.add_argument("--update-docs", action="store_true", help=f"rewrite the table in {DOCS.relative_to(REPO)}")
@@ -446,6 +458,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.max_pairs = args.max_pairs or 1
     args.quiet_wait_s = (0.0 if args.quick else 60.0) if args.quiet_wait_s is None else args.quiet_wait_s
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if set(args.workloads) - set(THROUGHPUT):
+        parser.error(f"unknown workload(s) {', '.join(sorted(set(args.workloads) - set(THROUGHPUT)))}; choose from "
+                     f"{', '.join(THROUGHPUT)}")
     unknown = parts - {"throughput", "startup", "cli", "checkpoint"}
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}")

@@ -156,7 +156,7 @@ def reference_saves(state: dict, folder: Path, repeats: int) -> dict:
 
 
 def run_stride(workload: workloads.Workload, device: str, precision: str, compile: bool, work_dir: Path) -> dict:
-    import stride.trainer
+    import stride.training.loop
     from stride import Trainer
     from stride.checkpoint import Checkpointer
 
@@ -167,7 +167,8 @@ def run_stride(workload: workloads.Workload, device: str, precision: str, compil
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    stride.trainer.Checkpointer = RecordedCheckpointer
+    # The loop builds its Checkpointer by the name it imported into stride.training.loop: patch it there.
+    stride.training.loop.Checkpointer = RecordedCheckpointer
     trainer = Trainer(**workload.stride_kwargs(str(work_dir), device, precision, compile))
     stamped = trainer.data.train = StampedDataset(trainer.data.train)
     start = time.perf_counter()

@@ -32,6 +32,11 @@ class Workload:
     """Both sides save model + optimizer every N steps (raw: a plain synchronous torch.save)."""
     extra_training_kwargs: dict = field(default_factory=dict)
     """stride-only settings that a plain loop has no counterpart for (none change the arithmetic)."""
+    kind: str = "supervised"
+    """supervised: (inputs, targets) batches, stride's built-in task; lm: {"tokens", "targets"} dict batches and
+    bench.lm's next-token loss (stride through the Task named in task_kwargs, the raw loop directly)."""
+    task_kwargs: dict = field(default_factory=dict)
+    """stride's task_kwargs (empty: stride's default, the dataset's own task)."""
 
     @property
     def eval_batch(self) -> int:
@@ -48,11 +53,14 @@ class Workload:
                     "precision": precision, "compile": compile, "seed": self.seed, "deterministic": False,
                     "log_every_steps": self.log_every_steps, "checkpoint_every_steps": self.checkpoint_every_steps,
                     **self.extra_training_kwargs}
-        return {"work_dir": work_dir, "device": device, "dataset_kwargs": dict(self.dataset_kwargs),
-                "model_kwargs": dict(self.model_kwargs),
-                "load_data_kwargs": {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
-                                     "num_workers": 0, "shuffle": True, "drop_last": False},
-                "training_kwargs": training}
+        kwargs = {"work_dir": work_dir, "device": device, "dataset_kwargs": dict(self.dataset_kwargs),
+                  "model_kwargs": dict(self.model_kwargs),
+                  "load_data_kwargs": {"batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                                       "num_workers": 0, "shuffle": True, "drop_last": False},
+                  "training_kwargs": training}
+        if self.task_kwargs:
+            kwargs["task_kwargs"] = dict(self.task_kwargs)
+        return kwargs
 
     def stride_overrides(self) -> list[str]:
         """The same settings as `key=value` words for `stride local` (only what differs from stride's defaults)."""
@@ -100,12 +108,30 @@ CHECKPOINT = Workload(
     extra_training_kwargs={"checkpoint_every_minutes": 0, "keep_last_checkpoints": 2},
 )
 
-WORKLOADS = {w.name: w for w in (MLP, CNN, CHECKPOINT)}
+# The plug-in path: a character-level transformer language model on text that ships with Python (bench/lm.py), dict
+# batches {"tokens", "targets"}, and the next-token loss through a stride.Task subclass; the raw loop calls the same
+# loss function directly.
+LM = Workload(
+    name="lm",
+    summary="char-level transformer LM (2 layers, width 32, 4 heads, context 64; 34k parameters) on 227k characters "
+            "of stdlib docstrings, dict batches through a stride.Task, batch 16, 3 epochs",
+    dataset_kwargs={"dataset_name": "bench.lm:char_text", "block_size": 64},
+    model_kwargs={"model_name": "bench.lm:CharTransformer", "dim": 32, "layers": 2, "heads": 4},
+    batch_size=16,
+    epochs=3,
+    lr=3e-3,
+    weight_decay=0.01,
+    kind="lm",
+    task_kwargs={"task_name": "bench.lm:CharLMTask"},
+)
+
+WORKLOADS = {w.name: w for w in (MLP, CNN, LM, CHECKPOINT)}
 
 # --quick: the same workloads, a few seconds each (a smoke run of the bench itself, not a measurement).
 QUICK = {
     "mlp": MLP.scaled(dataset_kwargs={**MLP.dataset_kwargs, "num_samples": 8192}, epochs=2),
     "cnn": CNN.scaled(epochs=2),
+    "lm": LM.scaled(dataset_kwargs={**LM.dataset_kwargs, "max_chars": 40960}, epochs=1),
     "ckpt": CHECKPOINT.scaled(dataset_kwargs={**CHECKPOINT.dataset_kwargs, "num_samples": 1024},
                               model_kwargs={"model_name": "MLP", "hidden": [1024, 1024]}, checkpoint_every_steps=4,
                               log_every_steps=4),

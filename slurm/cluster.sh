@@ -7,10 +7,14 @@
 #   bash slurm/cluster.sh down     # stop every daemon started here; idempotent
 #   bash slurm/cluster.sh install  # apt packages only
 #   bash slurm/cluster.sh purge    # down + delete the state folder
+#   bash slurm/cluster.sh check    # is the state folder safe to use? (read-only)
 #
 # Everything lives in one state folder ($STRIDE_SLURM_DIR, default
 # /tmp/stride-slurm): configs, munge key+socket, MariaDB data, spool, logs,
 # pids. /etc/slurm, /etc/munge, /etc/hosts and system services are untouched.
+# The folder holds root's munge key and database password: it is created
+# root-owned and 0711, and a folder someone else made (or could change) is
+# refused, never used (see check_state_dir).
 # All traffic stays on loopback: controller 127.0.0.10, nodeK 127.0.0.(10+K).
 # See "A local Slurm cluster for development" in README.md.
 set -euo pipefail
@@ -121,9 +125,12 @@ cmd_install() {
   log "installing: $(echo $missing)"
   export DEBIAN_FRONTEND=noninteractive
   timeout 600 apt-get update -qq || die "apt-get update failed"
+  # A fresh name (mktemp): a fixed one in the shared temp folder could be a symlink planted by another user.
+  local apt_log; apt_log=$(mktemp "${TMPDIR:-/tmp}/stride-slurm-apt.XXXXXX") || die "cannot create a temporary file"
   # shellcheck disable=SC2086
-  timeout 900 apt-get install -y -qq --no-install-recommends $missing >"${TMPDIR:-/tmp}/stride-slurm-apt.log" 2>&1 \
-    || { tail -n 30 "${TMPDIR:-/tmp}/stride-slurm-apt.log" >&2; die "apt-get install failed"; }
+  timeout 900 apt-get install -y -qq --no-install-recommends $missing >"$apt_log" 2>&1 \
+    || { tail -n 30 "$apt_log" >&2; die "apt-get install failed (log: $apt_log)"; }
+  rm -f "$apt_log"
   log "packages installed in $((SECONDS - t0))s"
 }
 
@@ -220,10 +227,13 @@ EOF
 
 make_dirs() {
   mkdir -p "$STATE"/{etc,run,log,spool/ctld,mysql,munge/run}
-  chmod 755 "$STATE"
-  # munged wants every folder above its socket to be 0755 (world-searchable,
-  # writable only by its owner); the key file itself is 0600.
+  # munged wants every folder above its socket searchable by all and
+  # writable only by its owner: 0711 (others cannot list it), 0755 for
+  # munge/ and its run/; the key file itself is 0600. The database (and its
+  # password file, its socket) is root's alone.
+  chmod 711 "$STATE"
   chmod 755 "$STATE/munge" "$STATE/munge/run"
+  chmod 700 "$STATE/mysql"
   local n; for n in $(node_names); do mkdir -p "$STATE/spool/$n"; done
   # The DB password is made once and kept: the database outlives down/up.
   if [[ ! -s $STATE/mysql/slurm.pass ]]; then
@@ -458,18 +468,64 @@ cmd_purge() {
   log "deleting $STATE"; rm -rf "$STATE"
 }
 
+# ------------------------------------------------------------- state folder
+# The state folder holds root's munge key (whoever knows it can run jobs as
+# root) and the database password. If another user created it first (the
+# default lives in the shared /tmp), they chose both, and could swap any file
+# later: so it must be a real folder (no symlink), owned by root or the user
+# running this, writable by nobody else, below a parent nobody else may
+# rename it in. Anything else is refused with one line, never repaired.
+refuse_state() { log "ERROR: refusing state folder $STATE: $*"; exit 1; }
+
+check_owned_private() { # path label [secret]: ours (or root's), no symlink, writable (secret: readable) by us only
+  local owner mode fix="remove it, or set STRIDE_SLURM_DIR to a folder of your own"
+  [[ ! -L $1 ]] || refuse_state "$2 is a symlink (to $(readlink -- "$1")): $fix"
+  [[ -e $1 ]] || return 0
+  read -r owner mode < <(stat -c '%u %a' -- "$1")
+  ((owner == EUID || owner == 0)) \
+    || refuse_state "$2 belongs to uid $owner, not to you (uid $EUID), so the munge key and database password may be theirs: $fix"
+  ((!(8#$mode & 8#022))) || refuse_state "$2 is writable by group or others (mode $mode): $fix"
+  [[ -z ${3:-} ]] || ((!(8#$mode & 8#077))) || refuse_state "$2 is readable by group or others (mode $mode): $fix"
+}
+
+check_state_dir() {
+  local parent mode f
+  parent=$(dirname -- "$STATE")
+  if [[ -d $parent ]]; then
+    mode=$(stat -L -c '%a' -- "$parent")
+    # A folder others may write in, without the sticky bit (/tmp has it), lets them rename ours away.
+    ((!(8#$mode & 8#022) || (8#$mode & 8#1000))) \
+      || refuse_state "its parent $parent is writable by others and not sticky (mode $mode): choose STRIDE_SLURM_DIR elsewhere"
+  fi
+  check_owned_private "$STATE" "it"
+  [[ ! -e $STATE || -d $STATE ]] || refuse_state "it is not a folder: remove it, or set STRIDE_SLURM_DIR elsewhere"
+  for f in etc run log spool mysql munge .lock; do check_owned_private "$STATE/$f" "its $f"; done
+  for f in munge/munge.key mysql/slurm.pass etc/slurmdbd.conf etc/my.cnf; do
+    check_owned_private "$STATE/$f" "its $f" secret
+  done
+}
+
+# Created by mkdir (atomic: it fails if the folder already exists) with its mode, then checked either way.
+ensure_state_dir() {
+  mkdir -p -- "$(dirname -- "$STATE")"
+  check_state_dir
+  mkdir -m 0711 -- "$STATE" 2>/dev/null || true
+  check_state_dir
+}
+
 main() {
   local cmd=${1:-help}
   case $cmd in
     install) cmd_install ;;
+    check) check_state_dir; log "state folder $STATE: ok" ;;
     up | down | status | purge)
-      mkdir -p "$STATE"
+      ensure_state_dir
       # One cluster operation at a time (parallel CI jobs, double clicks).
       exec 9>"$STATE/.lock"
       flock -w 300 9 || die "another cluster.sh holds $STATE/.lock"
       "cmd_$cmd" ;;
-    env) cmd_env ;;
-    *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == help ]] ;;
+    env) check_state_dir; cmd_env ;;
+    *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; [[ $cmd == help ]] ;;
   esac
 }
 

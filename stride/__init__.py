@@ -7,24 +7,23 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Trainer", "DataSplits", "register_model", "register_dataset", "StrideError", "__version__"]
+__all__ = ["Trainer", "DataSplits", "Task", "Metric", "Callback", "FitState", "MetricSink", "register_model",
+           "register_dataset", "register_task", "register_metric", "register_callback", "register_sink",
+           "StrideError", "__version__"]
+
+_HOMES = {"Trainer": "stride.training.trainer", "DataSplits": "stride.datasets.base", "Task": "stride.training.task",
+          "Metric": "stride.training.metrics", "Callback": "stride.training.hooks", "FitState": "stride.training.hooks",
+          "MetricSink": "stride.training.sinks", "StrideError": "stride.errors"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "Trainer":
-        from stride.trainer import Trainer
+    import importlib
 
-        return Trainer
-    if name == "DataSplits":
-        from stride.datasets.base import DataSplits
-
-        return DataSplits
-    if name in ("register_model", "register_dataset"):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    if name.startswith("register_"):
         from stride import registry
 
-        return getattr(registry, name)
-    if name == "StrideError":
-        from stride.errors import StrideError
-
-        return StrideError
+        if hasattr(registry, name):
+            return getattr(registry, name)
     raise AttributeError(f"module 'stride' has no attribute {name!r}")

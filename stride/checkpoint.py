@@ -180,7 +180,7 @@ def save_file(state: Any, path: Path) -> tuple[int, int]:
         writer.start_checksum()  # atomic_write flushes and fsyncs meanwhile
 
     with _without_crc32():
-        atomic_write(path, write, mode="wb")
+        atomic_write(path, write, mode="wb")  # a full disk is a FileSystemError naming `path` and the OS's reason
     return counted[0].num_bytes, counted[0].crc32
 
 

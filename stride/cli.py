@@ -20,26 +20,126 @@ EXIT_USER_ERROR = 2
 BOOLEAN_FLAGS = {"--local", "--dry-run", "--dry_run", "--exclusive", "--follow"}
 
 
+# Flags given once per value, every value kept in order (Fire alone keeps only the last of a repeated flag).
+REPEATABLE_FLAGS = {"sbatch": "--sbatch mail-type=END", "setup": "--setup 'module load cuda'"}
+# Flags whose value is text as typed: Fire would read `--account 0x10` as 16, `--partition 1e3` as 1000.0, `--qos
+# 007` as 7 and `--partition a,b` as a tuple.
+TEXT_FLAGS = {"partition", "account", "qos", "constraint", "mem", "time", "profile", "container", "work-dir", "sort",
+              "slurm", "metric", "out"}
+
+
+def _quoted(value: Any) -> str:
+    """A Python literal that Fire's parser turns back into exactly `value` (a string or a list of strings)."""
+    return repr(value)
+
+
+def _text_positions(command: str, flags: set[str]) -> tuple[list[bool], bool]:
+    """For `command`'s positional parameters not given as flags: whether each takes text; and whether its *args do."""
+    import inspect
+
+    method = getattr(StrideCLI, command, None)
+    if method is None or command.startswith("_"):
+        return [], False
+    takes_text, var_text = [], False
+    for name, param in inspect.signature(method).parameters.items():
+        if name == "self" or name in flags:
+            continue
+        if param.kind is param.VAR_POSITIONAL:
+            var_text = True  # overrides, config files, run names: always text
+        elif param.kind is param.POSITIONAL_OR_KEYWORD:
+            takes_text.append(str(param.annotation) in ("str", "Optional[str]"))
+    return takes_text, var_text
+
+
 def normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Accept the seed's `--config key=value` (repeatable) beside plain `key=value` words; pin switches to True."""
+    """Accept the seed's `--config key=value` (repeatable) beside plain `key=value` words; pin switches to True;
+    keep every value of a repeatable flag (--sbatch, --setup) and the text of names (--account 0x10, a run named
+    1e3); refuse any other flag given twice."""
+    from fire.parser import DefaultParseValue
+
     out: list[str] = []
-    words = iter(argv)
-    for word in words:
+    repeated: dict[str, list[str]] = {}
+    given: dict[str, str] = {}
+    positional: list[int] = []  # where in `out` the positional words are
+    words = list(argv)
+    index = 0
+    while index < len(words):
+        word = words[index]
+        index += 1
+        if word == "--":
+            out.extend(words[index - 1:])  # what follows is for Fire itself (--completion, --help)
+            break
         if word in BOOLEAN_FLAGS:
             out.append(f"{word}=True")
         elif word == "--config":
-            value = next(words, None)
-            if value is None:
+            if index >= len(words):
                 raise StrideError("--config needs a value: --config key=value or --config file.yaml")
-            out.append(value)
+            positional.append(len(out))
+            out.append(words[index])
+            index += 1
         elif word.startswith("--config="):
+            positional.append(len(out))
             out.append(word[len("--config="):])
+        elif word.startswith("--") and len(word) > 2:
+            flag, has_value, value = word.partition("=")
+            name = flag[2:].replace("_", "-")
+            takes_next = not has_value and index < len(words) and not _fire_flag(words[index])
+            if name in REPEATABLE_FLAGS or name in TEXT_FLAGS:
+                if not has_value and not takes_next:
+                    example = REPEATABLE_FLAGS.get(name, f"{flag} VALUE")
+                    raise StrideError(f"{flag} needs a value, e.g. {example} (write {flag}=VALUE for a value that "
+                                      f"starts with '-')")
+            if takes_next:
+                value = words[index]
+                index += 1
+            if name in REPEATABLE_FLAGS:
+                if name not in repeated:
+                    repeated[name] = []
+                    out.append(flag)  # the placeholder for every value, filled in below
+                repeated[name].append(value)
+                continue
+            if name in given and name not in ("help", "h"):
+                raise StrideError(f"--{name} is given twice ({given[name]!r} and {value!r}): give it once")
+            given[name] = value
+            if name in TEXT_FLAGS:
+                out.append(f"{flag}={_quoted(value)}")
+            else:
+                out.extend([word, value] if takes_next else [word])
         else:
+            positional.append(len(out))
             out.append(word)
+    for name, values in repeated.items():
+        slot = next(i for i, word in enumerate(out) if word.startswith("--") and
+                    word[2:].replace("_", "-") == name)
+        out[slot] = f"{out[slot]}={_quoted(values)}"
+    # Positional words bound to text parameters keep their text: `stride cancel 0x10 --work-dir exp` names run
+    # "0x10", not run 16. The first word is the command.
+    if out and positional and positional[0] == 0:
+        command = out[0]
+        takes_text, var_text = _text_positions(command, {n.replace("-", "_") for n in (*given, *repeated)})
+        for order, slot in enumerate(positional[1:]):
+            text = takes_text[order] if order < len(takes_text) else var_text
+            parsed = DefaultParseValue(out[slot])
+            if text and not (isinstance(parsed, str) and parsed == out[slot]):
+                out[slot] = _quoted(out[slot])
     return out
 
 
+def _fire_flag(word: str) -> bool:
+    """Whether Fire reads `word` as a flag (so the flag before it is a switch), as fire.core._IsFlag does."""
+    import re
+
+    return word.startswith("--") or bool(re.match(r"-[a-zA-Z]", word))
+
+
 FIRE_FLAGS = {"help", "h"}
+
+
+def _default_command(words: list[str]) -> list[str]:
+    """The seed's command line names no command (`python -m stride --config work_dir=X ...`): it trains here."""
+    if words and not words[0].startswith("-") and ("=" in words[0] or words[0].endswith((".yaml", ".yml"))):
+        return ["local", *words]
+    return words
 
 
 def check_words(words: Sequence[str]) -> None:
@@ -107,6 +207,9 @@ def _slurm_flags(nodes: Any, gpus: Any, tasks_per_node: Any, cpus_per_task: Any,
         extra = {}
         for item in sbatch if isinstance(sbatch, (list, tuple)) else [sbatch]:
             key, sep, value = str(item).lstrip("-").partition("=")
+            if key in extra:
+                raise StrideError(f"--sbatch {key} is given twice ({extra[key]!r} and {value if sep else True!r}): "
+                                  f"give it once")
             extra[key] = value if sep else True
         flags["sbatch_args"] = extra
     if setup:
@@ -135,25 +238,21 @@ class StrideCLI:
           gpus: GPUs to use, one process each (nccl); overrides nproc.
           container: run every process inside this image (a .sif file, an image folder or an image name).
         """
-        from stride.provenance import create_run
-        from stride.trainer import check_plugins
+        from stride import start
 
+        _refuse_inside_srun()
         world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc)
-        sweep, configs = _resolve_sweep(args, final=_container_flag(container), check=True)
+        sweep, configs = _resolve_sweep(args, final=_container_flag(container))
         if sweep.axes:
             return _local_sweep(sweep, configs, world, gpus)
         config = configs[0]
         config_lib.require_work_dir(config)
         if gpus:
             config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
-        plan = _container_plan(config, gpus_requested=world if gpus else 0, for_submit=False)
-        if plan is None:
-            check_plugins(config)  # with a container, the preflight checked them inside the image
-            _check_visible_gpus(config, gpus)
-        run = create_run(config)
-        _record_container(run, plan)
+        prepared = start.prepare([config], slurm=False, gpus=gpus, world=world)
+        run = start.create_runs([config], prepared)[0]
         print(f"stride: run folder {run.path}", file=sys.stderr)
-        return _train_here(run, world, plan.argv if plan else None)
+        return start.train_here(run, world, prepared)
 
     def submit(self, *args: Any, nodes: Optional[int] = None, gpus: Optional[int] = None,
                tasks_per_node: Optional[int] = None, cpus_per_task: Optional[int] = None, mem: Any = None,
@@ -190,8 +289,7 @@ class StrideCLI:
 
         flags = _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition, account, qos,
                              constraint, exclusive, sbatch, setup)
-        sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)},
-                                        check=not dry_run)
+        sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)})
         if sweep.axes:
             return _submit_sweep(sweep, configs, dry_run, max_parallel)
         config = configs[0]
@@ -207,20 +305,13 @@ class StrideCLI:
             note = f"# warning: {warning}\n" if warning else ""
             return (f"{note}# sbatch script (dry run: nothing written, nothing submitted)\n{text.rstrip()}\n\n"
                     f"# resolved config for run {work_dir / run_name}\n{config_lib.to_yaml(preview).rstrip()}")
-        from stride import launch
-        from stride.provenance import create_run
-        from stride.trainer import check_plugins
+        from stride import start
 
-        plan = _container_plan(config, gpus_requested=config["slurm"]["gpus_per_node"], for_submit=True)
-        if plan is None:
-            check_plugins(config)  # with a container, the preflight checked them inside the image
-        python = plan.shell if plan else None
-        params = launch.preflight_slurm(config, python)
+        prepared = start.prepare([config], slurm=True)
         if warning:
             print(f"stride: warning: {warning}", file=sys.stderr)
-        run = create_run(config)
-        _record_container(run, plan)
-        run, job_id = launch.submit_run(config, params, python, run=run)
+        run = start.create_runs([config], prepared)[0]
+        job_id = start.submit([run], [config], prepared)
         return f"submitted job {job_id}\nrun folder: {run.path}"
 
     def resume(self, run: str, *amendments: Any, work_dir: Optional[str] = None, local: bool = False,
@@ -272,29 +363,20 @@ class StrideCLI:
         nothing_to_do = resume_lib.check_resumable(run_dir, live_state, config, original)
         if nothing_to_do:
             return nothing_to_do
-        from stride.provenance import launch_command
+        from stride import start
 
-        command = launch_command()
         if local:
             previous = run_dir.read_status().get("world_size") or 1
             world = _positive("--gpus", gpus) if gpus else _positive("--nproc", nproc) if nproc is not None else previous
             if gpus:
                 config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
-            plan = _container_plan(config, gpus_requested=world if gpus else 0, for_submit=False)
-            if plan is None:
-                _check_visible_gpus(config, gpus)
-            resume_lib.record_resume(run_dir, config, changes, "local", command)
-            _record_container(run_dir, plan)
+            prepared = start.prepare([config], slurm=False, gpus=gpus, world=world, check=False)
+            start.reopen(run_dir, config, changes, "local", prepared)
             print(f"stride: resuming {run_dir.path} on this machine ({world} process(es))", file=sys.stderr)
-            return _train_here(run_dir, world, plan.argv if plan else None)
-        from stride import launch
-
-        plan = _container_plan(config, gpus_requested=config["slurm"]["gpus_per_node"], for_submit=True)
-        python = plan.shell if plan else None
-        params = launch.preflight_slurm(config, python)
-        resume_lib.record_resume(run_dir, config, changes, "slurm", command)
-        _record_container(run_dir, plan)
-        run_dir, job_id = launch.submit_run(config, params, python, run=run_dir)
+            return start.train_here(run_dir, world, prepared)
+        prepared = start.prepare([config], slurm=True, check=False)
+        start.reopen(run_dir, config, changes, "slurm", prepared)
+        job_id = start.submit([run_dir], [config], prepared)
         return f"submitted job {job_id}\nresuming run folder: {run_dir.path}"
 
     def status(self, target: str = ".", work_dir: Optional[str] = None, sort: Optional[str] = None) -> str:
@@ -313,7 +395,7 @@ class StrideCLI:
         path = Path(target)
         if work_dir is not None or RunDir(path).exists():
             run = find_run(target, work_dir)
-            return status_lib.format_detail(status_lib.describe_runs([run])[0])
+            return status_lib.format_detail(status_lib.describe_runs([run], keep_broken=False)[0])
         runs = list_runs(path)
         if not runs:
             return f"no runs in {path.absolute()}"
@@ -370,7 +452,9 @@ class StrideCLI:
         result = run_command(["scancel", job_id])
         if result.returncode != 0:
             raise StrideError(f"scancel {job_id} failed: {(result.stderr or result.stdout).strip()}")
-        run_dir.update_status(state="cancelled", ended_at=now_iso(), cancelled_at=now_iso())
+        from stride import runstate
+
+        runstate.move(run_dir, "cancelled", cancelled_at=now_iso())
         return f"cancelled job {job_id} ({run_dir.path})"
 
     def config(self, *args: Any, profile: Optional[str] = None) -> str:
@@ -440,37 +524,12 @@ def _non_negative(flag: str, value: Any) -> int:
     return value
 
 
-STOP_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143, "SIGUSR2": 140}
-
-
-def _train_here(run: Any, world: int, python: Optional[Sequence[str]] = None) -> str:
-    """Train `run` on this machine with `world` processes (each started by `python`, e.g. a container command);
-    a run stopped by a signal exits 128+signal."""
-    from stride import launch
-
-    if world == 1 and python is None:
-        results = launch.run_in_process(run)
-    else:
-        code = launch.run_local_ranks(run, world, python)
-        status = run.read_status()
-        if code != 0:
-            raise SystemExit(f"stride: run {run.path} failed (rank exit code {code}); see {run.logs_dir}")
-        results = status.get("results") or {}
-        if status.get("state") == "stopped":
-            results = {"stopped": True, "step": status.get("step"), "reason": status.get("stop_reason")}
-    if results.get("stopped"):
-        print(f"stopped at step {results['step']} ({results['reason']}): checkpoint written; continue with: "
-              f"stride resume {run.path} --local")
-        raise SystemExit(STOP_EXIT_CODES.get(results["reason"], 1))
-    return _summary(run, results)
-
-
-def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None, final: Optional[dict] = None,
-                   check: bool = True) -> tuple[Any, list[dict]]:
+def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None,
+                   final: Optional[dict] = None) -> tuple[Any, list[dict]]:
     """(sweep, one resolved config per point); a plain command line is a sweep of one point with no axes.
 
-    Every point is resolved and validated here, before anything is written; with `check`, a sweep's plug-ins are
-    also checked here on the host, unless they run in a container (whose preflight checks them inside the image).
+    Every point is resolved and validated here, before anything is written (the plug-ins and data are checked by
+    `start.prepare`).
     """
     from stride import sweep as sweep_lib
 
@@ -487,61 +546,36 @@ def _resolve_sweep(args: Sequence[Any], profile: Optional[str] = None, final: Op
         if configs[0].get("run"):
             raise StrideError(f"run={configs[0]['run']} names one run, but this sweep makes {sweep.size}: leave run "
                               f"unset and every point gets the next free number")
-        if check and not configs[0]["container"]["image"]:
-            from stride.trainer import check_plugins
-
-            for config in configs:
-                check_plugins(config)
     return sweep, configs
 
 
-def _create_sweep_runs(sweep: Any, configs: list[dict]) -> list[Any]:
-    """One run folder per point, each with its own complete config and the sweep it belongs to in metadata.json."""
-    from stride.provenance import create_run
-    from stride.sweep import new_sweep_id
-
-    sweep_id = new_sweep_id()
-    runs = []
-    for index, (point, config) in enumerate(zip(sweep.points(), configs)):
-        run = create_run(config)
-        info = {"id": sweep_id, "index": index, "size": sweep.size, "keys": sweep.keys,
-                "values": {key: _leaf(config, key) for key in point}}
-        run.update_metadata(lambda m, info=info: m.update(sweep=info))
-        runs.append(run)
-    return runs
-
-
-def _leaf(config: dict, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def _describe_points(sweep: Any, configs: list[dict]) -> str:
+    from stride import start
+
     header = ["#", *sweep.keys]
-    rows = [[str(i), *(str(_leaf(c, k)) for k in sweep.keys)] for i, c in enumerate(configs)]
+    rows = [[str(i), *(str(start.leaf(c, k)) for k in sweep.keys)] for i, c in enumerate(configs)]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in [header, *rows])
 
 
 def _local_sweep(sweep: Any, configs: list[dict], world: int, gpus: int) -> str:
     """The points one after another on this machine; a failed point does not stop the others."""
-    plan = _container_plan(configs[0], gpus_requested=world if gpus else 0, for_submit=False)
-    runs = _create_sweep_runs(sweep, configs)
+    from stride import start
+
+    if gpus:
+        for config in configs:
+            config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
+    prepared = start.prepare(configs, slurm=False, gpus=gpus, world=world)
+    runs = start.create_runs(configs, prepared, sweep)
     print(f"stride: sweep of {sweep.size} runs in {runs[0].path.parent}:\n{_describe_points(sweep, configs)}",
           file=sys.stderr)
     failed = []
-    for run, config in zip(runs, configs):
-        _record_container(run, plan)
-        if gpus:
-            config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
-            run.write_config(config)
+    for run in runs:
         print(f"stride: run folder {run.path}", file=sys.stderr)
         try:
-            _train_here(run, world, plan.argv if plan else None)
+            start.train_here(run, world, prepared)
         except SystemExit as exc:
-            if exc.code in STOP_EXIT_CODES.values():
+            if exc.code in start.STOP_EXIT_CODES.values():
                 raise
             failed.append(run.name)
         except StrideError as exc:
@@ -558,7 +592,7 @@ def _local_sweep(sweep: Any, configs: list[dict], world: int, gpus: int) -> str:
 
 def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: Optional[int]) -> str:
     """The whole sweep as one job array, refused when it cannot be one (per-point resources, MaxArraySize)."""
-    from stride import launch, slurm
+    from stride import slurm
 
     if max_parallel is not None:
         max_parallel = _positive("--max-parallel", max_parallel)
@@ -579,53 +613,34 @@ def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: 
     if limit is not None and sweep.size > limit:
         raise StrideError(f"this sweep has {sweep.size} points but the cluster's MaxArraySize is {limit}: split it "
                           f"into several submissions (fewer values per key)")
-    plan = _container_plan(config, gpus_requested=config["slurm"]["gpus_per_node"], for_submit=True)
-    python = plan.shell if plan else None
-    params = launch.preflight_slurm(config, python)
+    from stride import start
+
+    prepared = start.prepare(configs, slurm=True)
     warning = slurm.visibility_warning(work_dir)
     if warning:
         print(f"stride: warning: {warning}", file=sys.stderr)
-    runs = _create_sweep_runs(sweep, configs)
-    for run in runs:
-        _record_container(run, plan)
-    array_id = launch.submit_array(configs, runs, params, python, max_parallel)
+    runs = start.create_runs(configs, prepared, sweep)
+    array_id = start.submit(runs, configs, prepared, max_parallel or sweep.size)
     lines = [f"submitted job array {array_id} ({sweep.size} runs, at most {max_parallel or sweep.size} at once)"]
-    lines += [f"run folder: {run.path}  {' '.join(f'{k}={_leaf(c, k)}' for k in sweep.keys)}"
+    lines += [f"run folder: {run.path}  {' '.join(f'{k}={start.leaf(c, k)}' for k in sweep.keys)}"
               for run, c in zip(runs, configs)]
     return "\n".join(lines)
 
 
-def _check_visible_gpus(config: dict, gpus: int) -> None:
-    """A local run that asks for GPUs this machine does not show fails here, before its folder exists."""
-    if not gpus and not str(config["device"]).startswith("cuda"):
-        return
-    import torch
+def _refuse_inside_srun() -> None:
+    """`srun stride local` in a multi-task allocation would train one unrelated copy per task."""
+    from stride.distenv import srun_task_count
 
-    visible = torch.cuda.device_count()
-    wanted = max(gpus, 1)
-    if visible < wanted:
-        shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-        raise StrideError(f"{f'--gpus {gpus}' if gpus else 'device=' + config['device']} asks for {wanted} GPU(s) but "
-                          f"this machine shows {visible}"
-                          + (f" (CUDA_VISIBLE_DEVICES={shown})" if shown is not None else "")
-                          + ": use fewer, or --nproc N for processes on the CPU")
+    tasks = srun_task_count()
+    if tasks > 1:
+        raise StrideError(f"stride local is running as one of {tasks} tasks of an srun job step: each task would "
+                          f"train its own unrelated copy; submit with `stride submit` (it starts and connects the "
+                          f"ranks itself), or run `stride local --nproc N` once per node")
 
 
 def _container_flag(image: Any) -> dict:
     """--container IMAGE -> the config's container.image (the flag wins over every config layer)."""
     return {} if image is None else {"container": {"image": str(image)}}
-
-
-def _container_plan(config: dict, gpus_requested: int, for_submit: bool) -> Any:
-    """With container.image set: the preflight (runtime, image, its Python and packages, plug-ins, digest) and the
-    command every rank starts with; None without one."""
-    if not config["container"]["image"]:
-        return None
-    from stride import container_check
-
-    plan = container_check.prepare(config, gpus_requested, for_submit)
-    os.environ.update(plan.env)  # the ranks inherit it: locally as children, on SLURM through sbatch's --export=ALL
-    return plan
 
 
 def _container_command(config: dict) -> Optional[str]:
@@ -637,33 +652,37 @@ def _container_command(config: dict) -> Optional[str]:
     return container_check.describe(config, config["slurm"]["gpus_per_node"]).shell
 
 
-def _record_container(run: Any, plan: Any) -> None:
-    """metadata.json's `container`: the image, its digest and the software the preflight found in it."""
-    if plan is not None:
-        run.update_metadata(lambda m: m.update(container=plan.metadata()))
-
-
-def _summary(run: Any, results: dict) -> str:
-    metrics = " ".join(f"{k}={v:.4f}" for k, v in results.items() if k.startswith("test_") and isinstance(v, float))
-    return f"{metrics}\nrun folder: {run.path}".strip()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    import signal
+
     import fire
 
+    # SIGTERM ends the command through its finalisers (its default would kill it on the spot, and a run it had just
+    # created would say pending forever); a launcher replaces this with its own graceful stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        words = normalise_argv(sys.argv[1:] if argv is None else argv)
+        words = _default_command(normalise_argv(sys.argv[1:] if argv is None else argv))
         check_words(words)
         # An instance, not the class: Fire's completion script would otherwise offer a `--self` flag everywhere.
         fire.Fire(StrideCLI(), command=words, name="stride")
     except StrideError as exc:
-        print(f"stride: error: {exc}", file=sys.stderr)
+        # One line, whatever the message quotes (a name with a line break or an ESC stays visible, not live).
+        print(f"stride: error: {config_lib.one_line(str(exc))}", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     except fire.core.FireExit as exc:
         raise SystemExit(exc.code) from None
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside training (the first one checkpoints and stops)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one more must not cut short the exit, nor what atexit records
         print("stride: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except BrokenPipeError:  # `stride status | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0) from None
+    except (OSError, RuntimeError) as exc:  # the world's errors (no permission, a full disk, `~nobody`): one line
+        from stride.errors import world_error
+
+        error = world_error(exc, sys.argv[1:] if argv is None else argv)
+        if error is None:
+            raise
+        print(f"stride: error: {config_lib.one_line(str(error))}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None

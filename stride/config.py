@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -43,14 +44,27 @@ class LoadDataKwargs:
 class TrainingKwargs:
     epochs: int = 20
     optimizer: str = "adamw"
-    """One of sgd, adam, adamw."""
+    """Any torch.optim optimizer by name, case-insensitive (sgd, adam, adamw, rmsprop, ...), or an import path
+    'pkg.module:Class'; built with the trainable parameters, lr, weight_decay (momentum for SGD) and
+    optimizer_kwargs."""
+    optimizer_kwargs: dict = field(default_factory=dict)
+    """More keyword arguments of the optimizer, e.g. {betas: [0.9, 0.95], eps: 1e-8}; checked against its signature."""
     lr: float = 3e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    """SGD momentum (ignored by Adam variants)."""
+    """SGD's momentum; other optimizers' own settings go in optimizer_kwargs."""
     scheduler: str = "cosine"
-    """One of constant, cosine (per step, after warmup)."""
+    """constant or cosine (per step, after warmup_steps); step, multistep, exponential (per epoch); plateau (per
+    epoch, on the best metric); or an import path to a factory (optimizer, **scheduler_kwargs) -> LR scheduler,
+    stepped every optimizer step."""
+    scheduler_kwargs: dict = field(default_factory=dict)
+    """The scheduler's own arguments: step {step_size, gamma}, multistep {milestones, gamma}, exponential {gamma},
+    plateau {factor, patience, threshold, cooldown, min_lr}, cosine {min_lr_ratio}."""
     warmup_steps: int = 0
+    """Linear warmup over this many optimizer steps (constant and cosine schedules)."""
+    early_stopping_patience: int = 0
+    """Stop when the best metric has not improved by early_stopping_min_delta for this many epochs (0: never)."""
+    early_stopping_min_delta: float = 0.0
     grad_clip_norm: Optional[float] = None
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; gradients are all-reduced only on the last one (no_sync)."""
@@ -59,6 +73,9 @@ class TrainingKwargs:
     compile: bool = False
     """Wrap the model in torch.compile."""
     seed: int = 0
+    """Seeds the data order, dropout and augmentation (and the initial weights unless model_seed is set)."""
+    model_seed: Optional[int] = None
+    """Seeds the model's initial weights apart from the data order; None: seed."""
     deterministic: bool = False
     """Deterministic algorithms and seeded workers: bitwise-reproducible runs, somewhat slower."""
     log_every_steps: int = 50
@@ -66,7 +83,8 @@ class TrainingKwargs:
     stop_check_seconds: float = 5.0
     """With several ranks, how often (about) they agree on stop requests and checkpoint deadlines (0: every step)."""
     best_metric: Optional[str] = None
-    """Validation metric that picks the best weights; None means val_accuracy (classification) or val_loss."""
+    """Validation metric that picks the best weights (and drives plateau schedules and early stopping); None: the
+    task's own choice (val_accuracy for classification, val_loss otherwise)."""
     best_mode: str = "auto"
     """max, min, or auto (min for losses and errors, max for accuracy, f1, auc and the like)."""
     checkpoint_every_steps: int = 0
@@ -77,6 +95,8 @@ class TrainingKwargs:
     keep_last_checkpoints: int = 2
     async_checkpoint: bool = True
     """Snapshot to host memory and write in the background, so training does not stall on disk."""
+    check_batch: bool = True
+    """Before a run folder is written, push one batch through the model and the task (shapes, label range)."""
 
 
 @dataclass
@@ -107,7 +127,8 @@ class SlurmKwargs:
     exclusive: bool = False
     job_name: Optional[str] = None
     sbatch_args: dict = field(default_factory=dict)
-    """Any other sbatch option, e.g. {mail-type: END}; values are quoted."""
+    """Any other sbatch option, e.g. {mail-type: END}; values are quoted. Options stride sets itself (nodes, array,
+    signal, output, requeue...) are refused, naming the flag or key to use instead."""
     setup: list = field(default_factory=list)
     """Shell lines run before the ranks start, e.g. 'module load cuda'."""
     max_timeout_requeues: int = 3
@@ -134,10 +155,25 @@ class ContainerKwargs:
     """More host paths to mount: 'SRC', 'SRC:DST' or 'SRC:DST:ro'; work_dir and /etc/hosts are always mounted."""
     env: dict = field(default_factory=dict)
     """Variables set inside the container, e.g. {PYTHONPATH: /code}."""
+    secret_env: list = field(default_factory=list)
+    """Names of variables taken from the submitting shell's environment and handed to every rank by name only (API
+    keys, tokens), e.g. [WANDB_API_KEY]: their values never enter config.json, metadata.json, the sbatch script or a
+    command line. Honoured with or without an image."""
     gpus: Any = "auto"
     """GPU pass-through (--nv, --gpus all, CDI): auto (on when the run asks for GPUs), true or false."""
     runtime_args: list = field(default_factory=list)
     """More arguments for `apptainer exec`, `docker run`, `podman run` or `ch-run`, placed before the image."""
+
+
+@dataclass
+class ProvenanceKwargs:
+    copy_untracked: bool = False
+    """Copy the content of files git does not track yet (a new plug-in module) into the run's git.diff; off, they are
+    recorded by name, size and sha256 only, since an untracked file may hold a secret (.env, credentials). Even on,
+    secret-looking names (.env*, *.pem, *.key, id_*, credentials*, .netrc) are never copied."""
+    max_untracked_bytes: int = 1 << 20
+    """With copy_untracked: the most bytes of untracked content one record copies, in total; the files beyond it are
+    recorded by name and hash only."""
 
 
 @dataclass
@@ -153,15 +189,26 @@ class Config:
     load_data_kwargs: LoadDataKwargs = field(default_factory=LoadDataKwargs)
     model_kwargs: dict = field(default_factory=lambda: {"model_name": "CNN"})
     """model_name (registered name or 'pkg.module:attr') and its keyword arguments."""
+    task_kwargs: dict = field(default_factory=lambda: {"task_name": "auto"})
+    """task_name and its keyword arguments: how a batch becomes a loss and which metrics are measured. auto: the
+    dataset's task (classification or regression); model_loss: the model returns its own loss; or a registered
+    name or import path of a stride.Task."""
+    callbacks: list = field(default_factory=list)
+    """Hooks run on rank 0 at log points and epoch ends: import paths 'pkg.module:Class', or {name: PATH, **kwargs}."""
+    sinks: list = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl (always written): tensorboard, or import paths / {name: PATH, **kwargs}
+    of stride.MetricSink classes; written from rank 0."""
+    trainer_class: Optional[str] = None
+    """The Trainer subclass every rank builds, as an import path; None: stride's Trainer."""
     training_kwargs: TrainingKwargs = field(default_factory=TrainingKwargs)
     distributed_kwargs: DistributedKwargs = field(default_factory=DistributedKwargs)
     slurm: SlurmKwargs = field(default_factory=SlurmKwargs)
     container: ContainerKwargs = field(default_factory=ContainerKwargs)
+    provenance: ProvenanceKwargs = field(default_factory=ProvenanceKwargs)
+    """What a run records about the code it came from (metadata.json's git, the git.diff beside it)."""
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "training_kwargs.optimizer": ("sgd", "adam", "adamw"),
-    "training_kwargs.scheduler": ("constant", "cosine"),
     "training_kwargs.precision": ("fp32", "bf16", "fp16"),
     "training_kwargs.best_mode": ("auto", "max", "min"),
     "distributed_kwargs.backend": ("auto", "nccl", "gloo"),
@@ -176,18 +223,59 @@ POSITIVE = {
 NON_NEGATIVE = {
     "load_data_kwargs.num_workers", "training_kwargs.weight_decay", "training_kwargs.warmup_steps",
     "training_kwargs.checkpoint_every_steps", "training_kwargs.checkpoint_every_minutes",
-    "training_kwargs.stop_check_seconds",
+    "training_kwargs.stop_check_seconds", "training_kwargs.early_stopping_patience",
+    "training_kwargs.early_stopping_min_delta", "training_kwargs.model_seed",
     "slurm.gpus_per_node", "slurm.tasks_per_node", "slurm.max_timeout_requeues", "slurm.signal_delay_s",
-    "slurm.max_crash_requeues",
+    "slurm.max_crash_requeues", "provenance.max_untracked_bytes",
 }
+class Range(typing.NamedTuple):
+    """The numbers a key accepts: from `low` (above it when not `low_inclusive`) to below `high`; None: unbounded."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_inclusive: bool = True
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value >= self.low if self.low_inclusive else value > self.low)
+        return above and (self.high is None or value < self.high)
+
+    def describe(self) -> str:
+        low = "" if self.low is None else f"{_bound_text(self.low)} {'<=' if self.low_inclusive else '<'} "
+        high = "" if self.high is None else f" < {_bound_text(self.high)}"
+        return f"{low}value{high}" + (f" ({self.why})" if self.why else "")
+
+
+_SEED_RANGE = Range(0, 2**63, why="torch.manual_seed takes 0 <= seed < 2**64; numpy gets seed % 2**32")
+# Bounds beyond POSITIVE/NON_NEGATIVE, where the library that consumes a key has its own limits.
+RANGES: dict[str, Range] = {
+    "training_kwargs.grad_clip_norm": Range(0, low_inclusive=False, why="a negative bound trains uphill; null: off"),
+    "training_kwargs.momentum": Range(0, why="torch.optim.SGD refuses negative momentum"),
+    "training_kwargs.seed": _SEED_RANGE,
+    "training_kwargs.model_seed": _SEED_RANGE,
+    "distributed_kwargs.init_timeout_s": Range(0, 1e9, low_inclusive=False, why="a datetime.timedelta of seconds"),
+    "distributed_kwargs.timeout_s": Range(0, 1e9, low_inclusive=False, why="a datetime.timedelta of seconds"),
+    "slurm.signal_delay_s": Range(0, 65536, why="sbatch --signal takes 0 to 65535 seconds"),
+}
+# Every integer key must fit the C int64 that torch, numpy and Slurm read it into.
+INT_LIMIT = 2**63
 # Sections whose keys belong to the chosen plug-in; they are checked against its signature, not here.
-FREE_FORM = {"dataset_kwargs", "model_kwargs"}
+FREE_FORM = {"dataset_kwargs", "model_kwargs", "task_kwargs", "training_kwargs.optimizer_kwargs",
+             "training_kwargs.scheduler_kwargs"}
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)\Z")
-# Sections whose strings end up in the sbatch script or a rank's command line: one line each, no NUL.
-SHELL_BOUND = ("slurm", "container")
-_CONTROL = re.compile(r"[\x00\n\r]")
+# Every string of a config (keys too) may reach the sbatch script, a command line, a file name or a status table:
+# control characters (line breaks, NUL, ESC, tab...), Unicode line/paragraph separators, bidirectional overrides and
+# lone surrogates (undecodable bytes) are refused. A line break in a value would end an `#SBATCH` line and start a
+# shell line.
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# YAML from users is bounded: a few hundred bytes of nested aliases ("billion laughs") expand to billions of values.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 10_000
+"""Values in one document, every use of an alias counted in full."""
+MAX_YAML_DEPTH = 50
 
 
 def defaults() -> dict:
@@ -195,7 +283,9 @@ def defaults() -> dict:
     return dataclasses.asdict(Config())
 
 
+@functools.lru_cache(maxsize=None)
 def _field_types(cls: type) -> dict[str, Any]:
+    """A section's declared types (cached: resolving a 1,000-point sweep asks for them thousands of times)."""
     return typing.get_type_hints(cls)
 
 
@@ -214,15 +304,119 @@ def _describe(tp: Any) -> str:
             tuple: "a list", dict: "a mapping"}.get(origin or tp, getattr(tp, "__name__", str(tp)))
 
 
+class YamlRefused(ConfigError):
+    """YAML that parses but that stride will not take (too big, too deep, a key given twice); the message continues
+    a sentence that names the source, e.g. "config file 'a.yaml' " + message."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader that counts values as it composes them, every alias counted in full, refusing documents
+    past MAX_YAML_VALUES or MAX_YAML_DEPTH (and recursive aliases), and refusing a key repeated in one mapping
+    (PyYAML would silently keep the last)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._composed = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, depth), aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise YamlRefused(f"has an alias *{event.anchor} inside its own anchor (line "
+                                  f"{event.start_mark.line + 1}): a recursive structure is not a config; remove it")
+            return super().compose_node(parent, index)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        self._composed += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise YamlRefused(f"nests deeper than {MAX_YAML_DEPTH} levels (line {mark.line + 1}): flatten it")
+        if self._composed > MAX_YAML_VALUES:
+            raise YamlRefused(f"holds more than {MAX_YAML_VALUES} values (line {mark.line + 1}): a config needs far "
+                              f"fewer; is it really a config?")
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes = [self._sizes[id(child)] for child in children]
+        size, depth = 1 + sum(n for n, _ in sizes), 1 + max((d for _, d in sizes), default=0)
+        if size > MAX_YAML_VALUES:
+            raise YamlRefused(f"expands to more than {MAX_YAML_VALUES} values (line {mark.line + 1}; an alias counts "
+                              f"in full each time it is used): remove the nested aliases")
+        if depth > MAX_YAML_DEPTH:
+            raise YamlRefused(f"nests deeper than {MAX_YAML_DEPTH} levels through aliases (line {mark.line + 1}): "
+                              f"flatten it")
+        self._sizes[id(node)] = (size, depth)
+        return node
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` then `key: ...` is YAML's way to override a merged key
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    seen = first_line.get(key)
+                except TypeError:
+                    continue  # an unhashable key: PyYAML's own error names it
+                line = key_node.start_mark.line + 1
+                if seen is not None:
+                    raise YamlRefused(f"gives the key {json.dumps(key, default=str)} twice in one mapping (lines "
+                                      f"{seen} and {line}): YAML would keep only the last and drop the first; "
+                                      f"merge them into one")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML from a user (a config file, a profile, an override's value) with bounded size and depth.
+
+    Raises YamlRefused for documents stride will not take, yaml.YAMLError for invalid YAML.
+    """
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    except (ValueError, OverflowError) as exc:  # PyYAML builds ints, floats and dates with Python's own parsers
+        raise YamlRefused(f"holds a value Python cannot read: {str(exc).splitlines()[0][:120]}") from None
+    finally:
+        loader.dispose()
+
+
 def parse_value(text: str) -> Any:
     """Parse an override's value as a YAML scalar or list: `3e-4`, `[64,64]`, `true`, `null`, `ResNet`."""
     if _NUMBER.match(text.strip()):
         number = float(text)
-        return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else number
+        try:
+            return int(text) if re.fullmatch(r"[+-]?\d+", text.strip()) else number
+        except ValueError:  # Python refuses integers of more than 4300 digits
+            raise ConfigError(f"the number {text.strip()[:20]}... has {len(text.strip())} digits: give a number that "
+                              f"fits 64 bits") from None
     try:
-        return yaml.safe_load(text) if text.strip() else None
+        value = load_yaml(text) if text.strip() else None
+    except YamlRefused as exc:
+        raise ConfigError(f"the value {json.dumps(text[:40])}{'...' if len(text) > 40 else ''} {exc}") from None
     except yaml.YAMLError:
         return text
+    return _python_words(value)
+
+
+_PYTHON_WORDS = {"None": None, "True": True, "False": False}
+
+
+def _python_words(value: Any) -> Any:
+    """The seed's overrides were Python literals: bare None/True/False (also inside lists) mean what they say."""
+    if isinstance(value, str):
+        return _PYTHON_WORDS.get(value, value)
+    if isinstance(value, list):
+        return [_python_words(item) for item in value]
+    return value
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -230,9 +424,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"cannot read override '{item}': expected key=value, e.g. training_kwargs.lr=3e-4")
+        raise ConfigError(one_line(f"cannot read override '{item}': expected key=value, e.g. training_kwargs.lr=3e-4"))
     if key.startswith("--"):
-        raise ConfigError(f"cannot read override '{item}': write it as {key[2:]}=..., without the dashes")
+        raise ConfigError(one_line(f"cannot read override '{item}': write it as {key[2:]}=..., without the dashes"))
     return key, parse_value(value)
 
 
@@ -244,7 +438,13 @@ def load_yaml_file(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist: check the path")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"config file '{path}' has {size} bytes: a config is far smaller (at most "
+                              f"{MAX_YAML_BYTES} bytes); is it really a config file?")
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except YamlRefused as exc:
+        raise ConfigError(f"config file '{path}' {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {exc.start}): is it really a YAML "
                           f"file?") from None
@@ -403,22 +603,51 @@ def _validate_section(data: dict, cls: type, prefix: str, problems: list[str]) -
             if value not in allowed:
                 problems.append(f"config key '{key}' got '{value}'; expected one of {', '.join(allowed)}"
                                 f"{did_you_mean(str(value), allowed)}")
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
+            shown = value if value.bit_length() <= 128 else f"a {value.bit_length()}-bit integer"
+            problems.append(f"config key '{key}' got {shown}; expected an integer from -2**63 to 2**63 - 1")
+            continue
         if value is not None and key in POSITIVE and value <= 0:
             problems.append(f"config key '{key}' got {value}; expected a positive value")
         if value is not None and key in NON_NEGATIVE and value < 0:
             problems.append(f"config key '{key}' got {value}; expected zero or more")
+        if value is not None and key in RANGES and len(problems) == before and not RANGES[key].holds(value):
+            problems.append(f"config key '{key}' got {value}; expected {RANGES[key].describe()}")
 
 
-def _line_breaks(value: Any, key: str) -> list[str]:
-    """A line break in a value bound for the sbatch script would end its `#SBATCH` line and start a shell line."""
+def _bound_text(number: float) -> str:
+    whole = int(number)
+    if number == whole and whole >= 2**32 and whole & (whole - 1) == 0:
+        return f"2**{whole.bit_length() - 1}"  # 2**63, not 9.22337e+18
+    return f"{number:g}"
+
+
+def _unsafe_text(value: Any, key: str) -> list[str]:
+    """Every string in `value` (mapping keys too) that holds a control character, one problem each."""
     if isinstance(value, dict):
-        return [p for k, v in value.items() for p in _line_breaks(str(k), f"{key} (a key)") + _line_breaks(v, f"{key}.{k}")]
-    if isinstance(value, list):
-        return [p for i, v in enumerate(value) for p in _line_breaks(v, f"{key}[{i}]")]
-    if isinstance(value, str) and _CONTROL.search(value):
-        return [f"config key '{key}' holds a line break or NUL ({json.dumps(value)}): these values go into the sbatch "
-                f"script and command lines, one line each (give several items instead)"]
-    return []
+        return [p for k, v in value.items()
+                for p in _unsafe_text(str(k), f"{key} (a key)") + _unsafe_text(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in _unsafe_text(v, f"{key}[{i}]")]
+    match = _UNSAFE_TEXT.search(value) if isinstance(value, str) else None
+    if match is None:
+        return []
+    char = match.group()
+    if char in _LINE_BREAKS:
+        what = "a line break"
+        fix = "give each line as its own list item" if key.endswith("]") else "remove it"
+    elif "\ud800" <= char <= "\udfff":
+        what, fix = "bytes that are not UTF-8", "give it as UTF-8 text"
+    else:
+        what, fix = f"the control character U+{ord(char):04X}", "remove it"
+    shown = json.dumps(value[:60]) + ("..." if len(value) > 60 else "")
+    return [f"config key '{key}' holds {what} ({shown}): config values reach the sbatch script, command lines, file "
+            f"names and status tables, one plain line each; {fix}"]
+
+
+def one_line(text: str) -> str:
+    """`text` with every control character written as its escape: an error message stays one line."""
+    return _UNSAFE_TEXT.sub(lambda m: json.dumps(m.group())[1:-1], text)
 
 
 def declared_type(dotted: str) -> Any:
@@ -438,13 +667,24 @@ def _takes_text(dotted: str) -> bool:
     return tp is str or (typing.get_origin(tp) is Union and str in typing.get_args(tp))
 
 
+def _fill_missing(config: dict, default: Mapping, cls: type = Config) -> None:
+    """Keys a config lacks take their defaults: a config.json written before a key existed still loads."""
+    for name, tp in _field_types(cls).items():
+        if name not in config:
+            config[name] = copy.deepcopy(default[name])
+        elif dataclasses.is_dataclass(tp) and isinstance(config[name], dict):
+            _fill_missing(config[name], default[name], tp)
+
+
 def validate(config: dict) -> dict:
     """Check every key and type, raising one ConfigError that lists every problem."""
     problems: list[str] = []
+    _fill_missing(config, defaults())
     _validate_section(config, Config, "", problems)
-    for section in SHELL_BOUND:
-        if isinstance(config.get(section), dict):
-            problems.extend(_line_breaks(config[section], section))
+    problems.extend(_unsafe_text(config, ""))
+    from stride.slurm import check_section as check_slurm_section
+
+    problems.extend(check_slurm_section(config.get("slurm"), config.get("work_dir")))
     if isinstance(config.get("container"), dict):
         from stride.container import check_section
 
@@ -462,7 +702,7 @@ def validate(config: dict) -> dict:
         except ConfigError as exc:
             problems.append(str(exc))
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError(one_line("; ".join(problems)))
     return config
 
 
@@ -499,6 +739,9 @@ def resolve(
             work_dir = value
     if experiment_config and isinstance(work_dir, str):
         experiment_file = Path(work_dir).expanduser() / EXPERIMENT_CONFIG_NAME
+        from stride.trust import warn_if_foreign
+
+        warn_if_foreign("work_dir", Path(work_dir).expanduser(), experiment_file)
         if experiment_file.is_file():
             merge_layer(config, load_yaml_file(experiment_file), problems)
 
@@ -508,7 +751,7 @@ def resolve(
         _set_dotted(config, key, value, problems)
     merge_layer(config, final or {}, problems)
     if problems:
-        raise ConfigError("; ".join(problems))
+        raise ConfigError(one_line("; ".join(problems)))
     validate(config)
     if isinstance(config.get("work_dir"), str):
         config["work_dir"] = str(Path(config["work_dir"]).expanduser().absolute())

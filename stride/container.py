@@ -23,7 +23,8 @@ HOSTS_FILE = "/etc/hosts"
 # Docker and Podman start a container with an empty environment, so every variable a rank reads is passed by name:
 # submitit's SLURM_*/SUBMITIT_*, torch's rendezvous variables, stride's own, and the GPUs Slurm bound to the task.
 # `-e NAME` copies the value only when NAME is set, so one list serves `stride local` and SLURM alike.
-# Apptainer and Charliecloud keep the host's environment, so they need no list.
+# Apptainer and Charliecloud keep the host's environment, so they need no list. container.secret_env's names travel
+# the same way (values never in argv): `-e NAME`, APPTAINERENV_NAME, or Charliecloud's inherited environment.
 PASSED_ENV = (
     "SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_NTASKS", "SLURM_NODEID",
     "SLURM_PROCID", "SLURM_LOCALID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
@@ -34,7 +35,7 @@ PASSED_ENV = (
 # Apptainer and Charliecloud also pass the host's Python settings, which would make the image's Python import the
 # host's packages (a checkout on PYTHONPATH, ~/.local): they are cleared inside unless container.env sets them.
 HOST_PYTHON_ENV = (("PYTHONPATH", ""), ("PYTHONHOME", ""), ("PYTHONUSERBASE", ""), ("PYTHONNOUSERSITE", "1"))
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _BIND_MODES = ("ro", "rw")
 _ENV_SPLIT = re.compile(r",[A-Za-z_][A-Za-z0-9_]*=")
 
@@ -61,6 +62,8 @@ class ContainerSpec:
     python: str = "python3"
     binds: tuple[Bind, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    secret_env: tuple[str, ...] = ()
+    """Names only: the values come from the launcher's environment (see `secret_env_passing`)."""
     gpus: bool = False
     runtime_args: tuple[str, ...] = ()
 
@@ -108,7 +111,38 @@ def check_section(section: Mapping[str, Any]) -> list[str]:
     for item in runtime_args if isinstance(runtime_args, list) else []:
         if not isinstance(item, str):
             problems.append(f"config key 'container.runtime_args' holds {item!r}; expected strings")
+    secret_env = section.get("secret_env")
+    seen: set = set()
+    for name in secret_env if isinstance(secret_env, list) else []:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            problems.append(f"config key 'container.secret_env' holds {name!r}, which is not an environment variable "
+                            f"name: list names only, e.g. [WANDB_API_KEY] (the values stay in your environment)")
+        elif name in seen:
+            problems.append(f"config key 'container.secret_env' lists {name} twice: list it once")
+        elif isinstance(env, dict) and name in env:
+            problems.append(f"{name} is in both container.env (a value written into config.json and command lines) "
+                            f"and container.secret_env (passed by name): remove container.env.{name}")
+        seen.add(name)
     return problems
+
+
+def looks_secret(name: str) -> bool:
+    """HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, DB_PASSWORD: a name whose value should not be written down
+    (TOKENIZERS_PARALLELISM is not one)."""
+    words = str(name).upper().split("_")
+    pairs = set(zip(words, words[1:]))
+    return bool({"TOKEN", "SECRET", "PASSWORD", "PASSWD", "APIKEY", "CREDENTIALS", "CREDENTIAL"} & set(words)
+                or {("API", "KEY"), ("ACCESS", "KEY"), ("PRIVATE", "KEY"), ("AUTH", "KEY")} & pairs)
+
+
+def secret_env_passing(spec: ContainerSpec, values: Mapping[str, str]) -> dict:
+    """Variables the launcher exports so that the runtime hands each secret to the rank by name, never in argv:
+    Apptainer reads APPTAINERENV_NAME (SINGULARITYENV_NAME for a `singularity` executable), which holds even with
+    --cleanenv. Docker and Podman copy `-e NAME` from the launcher's environment; Charliecloud inherits it."""
+    if spec.runtime != "apptainer":
+        return {}
+    prefix = "SINGULARITYENV_" if PurePosixPath(spec.executable).name == "singularity" else "APPTAINERENV_"
+    return {prefix + name: values[name] for name in spec.secret_env if name in values}
 
 
 def wants_gpus(gpus_setting: Any, gpus_requested: int) -> bool:
@@ -131,6 +165,7 @@ def make_spec(section: Mapping[str, Any], runtime: str, gpus: bool) -> Container
         executable=section.get("executable") or EXECUTABLES[runtime], python=section.get("python") or "python3",
         binds=tuple(parse_bind(b) for b in section.get("binds") or []),
         env=tuple((str(k), _env_value(v)) for k, v in sorted((section.get("env") or {}).items())),
+        secret_env=tuple(str(name) for name in section.get("secret_env") or []),
         gpus=gpus, runtime_args=tuple(str(a) for a in section.get("runtime_args") or []))
 
 
@@ -207,7 +242,7 @@ def _oci(spec: ContainerSpec, binds: Sequence[Bind], uid: int, gid: int) -> list
             argv += ["--device", "nvidia.com/gpu=all"]  # CDI, what nvidia-ctk generates for Podman
     for bind in binds:
         argv += ["-v", bind.spec()]
-    for name in PASSED_ENV:
+    for name in (*PASSED_ENV, *spec.secret_env):  # by name: the value stays in the environment, out of argv
         argv += ["-e", name]
     for name, value in spec.env:
         argv += ["-e", f"{name}={value}"]

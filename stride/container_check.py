@@ -51,8 +51,8 @@ except Exception as exc:
 print("MARKER" + json.dumps(facts), flush=True)
 if len(sys.argv) > 1 and "stride_path" in facts:
     try:
-        from stride.trainer import check_plugins
-        check_plugins(json.loads(sys.argv[1]))
+        from stride.training.preflight import check
+        check([json.loads(sys.argv[1])])
         print("MARKER" + json.dumps({"plugins": None}), flush=True)
     except Exception as exc:
         print("MARKER" + json.dumps({"plugins": "%s" % (exc,) or type(exc).__name__}), flush=True)
@@ -113,10 +113,40 @@ def _check_runtime_installed(spec: container.ContainerSpec) -> None:
 
 
 def runtime_env(spec: container.ContainerSpec) -> dict:
-    """Variables a runtime needs in the launcher's environment that may be missing (ch-run needs $USER)."""
+    """Variables a runtime needs in the launcher's environment that may be missing (ch-run needs $USER; Apptainer
+    takes secrets from APPTAINERENV_NAME). Exported by the launcher, never written anywhere."""
+    env = container.secret_env_passing(spec, os.environ)
     if spec.runtime == "charliecloud" and not os.environ.get("USER"):
-        return {"USER": getpass.getuser()}
-    return {}
+        env["USER"] = getpass.getuser()
+    return env
+
+
+def check_secret_env(config: Mapping[str, Any]) -> list[str]:
+    """container.secret_env's variables are set here and will reach the job; returns warnings (a container.env name
+    that looks like a secret, whose value is written down), raises ContainerError otherwise.
+
+    The values travel only through the environment: this process's, inherited by local ranks, exported by sbatch to
+    the job (its default --export=ALL), and handed on by the runtime by name.
+    """
+    section = config["container"]
+    names = list(section.get("secret_env") or [])
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise ContainerError(f"container.secret_env names {', '.join(missing)}, not set in this environment: export "
+                             f"{missing[0]}=... in the shell that runs stride (the ranks get it by name from there; "
+                             f"its value is never written down)")
+    export = next((str(v) for k, v in (config.get("slurm", {}).get("sbatch_args") or {}).items()
+                   if str(k).lstrip("-") == "export"), None)
+    if names and export is not None and not export.upper().startswith("ALL"):
+        kept = {item.split("=", 1)[0] for item in export.split(",")}
+        lost = [name for name in names if name not in kept]
+        if lost:
+            raise ContainerError(f"slurm.sbatch_args.export={export} keeps container.secret_env's {', '.join(lost)} "
+                                 f"from the job: add {'them' if len(lost) > 1 else 'it'} to the list (e.g. "
+                                 f"export={export},{','.join(lost)}) or leave export unset (ALL)")
+    return [f"container.env.{name} looks like a secret, and its value is written into config.json and the ranks' "
+            f"command lines: move it to container.secret_env (export {name} in your shell instead)"
+            for name in (section.get("env") or {}) if container.looks_secret(name)]
 
 
 # ------------------------------------------------------------------------------------------------------- image

@@ -1,10 +1,12 @@
 """Who this process is in a job (rank, node, world) and the process group's set-up and teardown.
 
 The only module that reads SLURM_*/submitit/RANK/MASTER_* variables; the Trainer is handed a `DistEnv`.
-Rendezvous: rank 0 opens torch's TCPStore on a port the kernel picks (port 0) and publishes host and port in the run
-folder, which every rank sees. A random or hashed port can collide when two jobs share a node; a port the kernel
-handed out cannot. Every wait is bounded by `init_timeout_s`, so a broken rendezvous fails in seconds, naming the
-address and port, instead of hanging for torch's default 30 minutes.
+Rendezvous: rank 0 opens torch's TCPStore on a port the kernel picks (port 0) and publishes address and port in the
+run folder (a private file in a private folder), which every rank sees. A random or hashed port can collide when two
+jobs share a node; a port the kernel handed out cannot. Every wait is bounded by `init_timeout_s`, so a broken
+rendezvous fails in seconds, naming the address and port, instead of hanging for torch's default 30 minutes.
+The store has no authentication, so it listens on MASTER_ADDR's own address only: 127.0.0.1 for `stride local`, the
+first node's address on SLURM, never every interface (torch's own choice whatever host_name says).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 from stride.errors import StrideError
-from stride.rundir import read_json, write_json
+from stride.rundir import make_private_dir, read_json, write_json
 
 POLL_INTERVAL_S = 0.05
 CONNECT_RETRY_S = 0.25
@@ -106,6 +108,27 @@ def _first_connect(addr: str, port: int, deadline: float) -> Optional[str]:
     return error
 
 
+def _listening_socket(addr: str) -> socket.socket:
+    """A TCP socket listening on `addr`'s own address, on a port the kernel picks, for TCPStore's master_listen_fd.
+
+    Given only host_name and port, torch's TCPStore server listens on every interface (`::`), unauthenticated; handed
+    a bound socket it listens exactly there. Rank 0 resolves MASTER_ADDR on its own node (IPv4 first) and publishes
+    the address it bound, which the other ranks connect to: 127.0.0.1 locally, the first node's address on SLURM.
+    """
+    infos = sorted(socket.getaddrinfo(addr, 0, type=socket.SOCK_STREAM), key=lambda info: info[0] != socket.AF_INET)
+    if not infos:
+        raise OSError(f"{addr} resolves to no address")
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def init_process_group(env: DistEnv, backend: str, rendezvous_dir: Path, init_timeout_s: float,
                        timeout_s: float) -> None:
     """Join the job's process group; a no-op for a single process."""
@@ -119,16 +142,22 @@ def init_process_group(env: DistEnv, backend: str, rendezvous_dir: Path, init_ti
     rendezvous_file = rendezvous_dir / f"{env.rendezvous_id}.json"
     store_timeout = timedelta(seconds=init_timeout_s)
     if env.is_main:
-        rendezvous_dir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(rendezvous_dir)
+        sock = None
         try:
-            store = dist.TCPStore(env.master_addr, 0, env.world_size, is_master=True, timeout=store_timeout,
-                                  wait_for_workers=False)
+            sock = _listening_socket(env.master_addr)
+            bound_addr, port = sock.getsockname()[:2]
+            # From here the store owns the socket (its fd), listening where it was bound.
+            store = dist.TCPStore(bound_addr, port, env.world_size, is_master=True, timeout=store_timeout,
+                                  wait_for_workers=False, master_listen_fd=sock.detach())
         except Exception as exc:  # torch raises RuntimeError/DistNetworkError with a long message
+            if sock is not None and sock.fileno() != -1:
+                sock.close()
             raise StrideError(f"rank 0 could not open the rendezvous store on MASTER_ADDR={env.master_addr}: "
-                              f"{str(exc).splitlines()[0]}") from None
-        port = store.port
-        write_json(rendezvous_file, {"addr": env.master_addr, "port": port, "host": env.hostname,
-                                     "pid": os.getpid(), "world_size": env.world_size})
+                              f"{(str(exc) or type(exc).__name__).splitlines()[0]}") from None
+        write_json(rendezvous_file, {"addr": bound_addr, "port": port, "master_addr": env.master_addr,
+                                     "host": env.hostname, "pid": os.getpid(), "world_size": env.world_size},
+                   private=True)
     else:
         # The whole rendezvous (waiting for rank 0's address, then connecting) stays within init_timeout_s.
         deadline = time.monotonic() + init_timeout_s
@@ -157,3 +186,13 @@ def destroy_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def srun_task_count() -> int:
+    """How many tasks the SLURM job step this process runs in has (0 outside a step started by srun)."""
+    if "SLURM_STEP_ID" not in os.environ or os.environ.get("SUBMITIT_EXECUTOR"):
+        return 0
+    try:
+        return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 0)
+    except ValueError:
+        return 0

@@ -14,8 +14,10 @@ import traceback
 from pathlib import Path
 from typing import Any, Optional
 
+from stride import claim as claim_lib
 from stride import distenv
 from stride import requeue as requeue_lib
+from stride import runstate
 from stride.errors import StrideError
 from stride.rundir import RunDir, now_iso, write_json
 from stride.slurm import ATTEMPT_MARK
@@ -67,6 +69,9 @@ def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signal
     is not retried. A rank that raised after SLURM or the user signalled it (scancel, preemption) was interrupted,
     not broken: the run is marked stopped and the scheduler's own record (cancelled, preempted, timeout) says the rest.
     """
+    holder = claim_lib.live_holder(run)
+    if holder is not None and holder.info.get("attempt") not in (None, env.rendezvous_id):
+        return  # another attempt holds the run (this one's rank 0 was refused): its story is not ours to write
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
     tail = "".join(lines).rstrip().splitlines()[-ERROR_TAIL_LINES:]
     error = f"{type(exc).__name__}: {exc}"
@@ -84,7 +89,7 @@ def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signal
             return
         if signalled:
             if not claimed and status.get("state") not in ("stopped", "cancelled"):
-                status.update(state="stopped", stop_reason=signalled, ended_at=now_iso(), updated_at=now_iso())
+                runstate.apply(status, "stopped", stop_reason=signalled, updated_at=now_iso())
                 write_json(run.status_file, status)
             return
         if peer_lost:
@@ -92,14 +97,14 @@ def record_failure(run: RunDir, env: distenv.DistEnv, exc: BaseException, signal
                      "error_tail": None}
         else:
             cause = {"failed_rank": env.rank, "failed_host": env.hostname, "error": error, "error_tail": tail[-5:]}
-        status.update(state="failed", ended_at=now_iso(), failed_job=env.job_id, failed_attempt=env.rendezvous_id,
+        runstate.apply(status, "failed", failed_job=env.job_id, failed_attempt=env.rendezvous_id,
                       failed_peer_lost=peer_lost, updated_at=now_iso(), **cause)
         write_json(run.status_file, status)
     # This rank claimed the failure for its attempt above; it alone decides whether the job is retried.
     if env.launcher == "slurm" and config is not None and not peer_lost:
         decision = _requeue_decision(run, env, config, "crashed", error=error, rank=env.rank, host=env.hostname)
         if decision.requeue:
-            run.update_status(state="requeued")
+            runstate.move(run, "requeued")
 
 
 def after_stop(run: RunDir, env: distenv.DistEnv, config: dict, result: dict) -> None:
@@ -113,7 +118,7 @@ def after_stop(run: RunDir, env: distenv.DistEnv, config: dict, result: dict) ->
     decision = _requeue_decision(run, env, config, reason, signal=signal_name, step=result.get("step"),
                                  epoch=result.get("epoch"), seconds_left=seconds_left)
     state = "requeued" if decision.requeue else ("timeout" if reason == "timeout" else "stopped")
-    run.update_status(state=state, stop_reason=f"{signal_name}: {decision.why}", keep_states=("cancelled",))
+    runstate.move(run, state, stop_reason=f"{signal_name}: {decision.why}")
 
 
 def record_attempt(run: RunDir, env: distenv.DistEnv) -> None:
@@ -170,24 +175,29 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
               flush=True)
     config = run.read_config()
     dk = config["distributed_kwargs"]
+    # One writer per run: rank 0 of each SLURM attempt (requeues too) claims the run before it writes anything, and is
+    # refused at once while another process trains it; a `stride local` launcher holds the claim for its ranks.
+    claim = claim_lib.for_rank(run, env.launcher, env.is_main, env.job_id, env.rendezvous_id)
     try:
         distenv.init_process_group(env, choose_backend(config), run.rendezvous_dir, dk["init_timeout_s"],
                                    dk["timeout_s"])
-        from stride.trainer import Trainer
+        from stride.training.trainer import trainer_class
 
         if env.is_main:
             record_attempt(run, env)
-        trainer = Trainer(config=config, dist_env=env, run_dir=run)
+        trainer = trainer_class(config)(config=config, dist_env=env, run_dir=run)
         stop.attach(trainer)
         result = trainer.fit()
     except BaseException as exc:
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
             record_failure(run, env, exc, signalled=stop.reason, config=config)
+        claim.release()
         raise
     finally:
         distenv.destroy_process_group()
     if result.get("stopped") and env.launcher == "slurm" and env.is_main:
         after_stop(run, env, config, result)
+    claim.release()
     return result
 
 
@@ -215,6 +225,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except StrideError as exc:
         print(f"stride: error: rank {os.environ.get('RANK', '0')} on {socket.gethostname()}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, forwarded by the launcher: it says so, once, for every rank
+        return 130
     return 0
 
 

@@ -6,12 +6,13 @@ drawing on the Agg canvas so it works without a display (a login node, CI). matp
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from stride import compare
-from stride.errors import StrideError, did_you_mean
+from stride.errors import StrideError, did_you_mean, os_error
 from stride.rundir import RunDir, atomic_write
 
 NOT_METRICS = frozenset({"time", "epoch", "step", "split"})
@@ -33,9 +34,11 @@ class Series:
 def read_metrics(run: RunDir) -> list[dict]:
     """The run's metrics records; a missing file is no records, a line cut short by a kill is skipped."""
     try:
-        text = run.metrics_file.read_text()
+        text = run.metrics_file.read_text(errors="replace")
     except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise os_error(exc, "read", run.metrics_file) from None
     records = []
     for line in text.splitlines():
         try:
@@ -93,7 +96,7 @@ def build_panels(runs: Sequence[RunDir], metrics: Optional[Sequence[str]] = None
     """{metric: one Series per run that has it}, labelled by the settings that differ between `runs`."""
     if not runs:
         raise StrideError("no runs to plot: train one first, e.g. `stride local work_dir=WORK_DIR`")
-    records = {run.name: read_metrics(run) for run in runs}
+    runs, configs, records = _readable(runs)
     available = metric_names(r for recs in records.values() for r in recs)
     if not available:
         raise StrideError(f"no metrics yet in {', '.join(str(run.path) for run in runs)}: a run writes metrics.jsonl "
@@ -103,7 +106,7 @@ def build_panels(runs: Sequence[RunDir], metrics: Optional[Sequence[str]] = None
         if name not in available:
             raise StrideError(f"no run has the metric '{name}'{did_you_mean(name, available)}; metrics found: "
                               f"{', '.join(sorted(available))}")
-    labels = compare.run_labels([run.read_config() for run in runs], [run.name for run in runs])
+    labels = compare.run_labels(configs, [run.name for run in runs])
     panels: dict[str, list[Series]] = {}
     for name in metrics:
         panels[name] = []
@@ -112,6 +115,26 @@ def build_panels(runs: Sequence[RunDir], metrics: Optional[Sequence[str]] = None
             if steps:
                 panels[name].append(Series(run.name, label, steps, values))
     return panels
+
+
+def _readable(runs: Sequence[RunDir]) -> tuple[list[RunDir], list[dict], dict[str, list[dict]]]:
+    """The runs whose config and metrics can be read, with them; each broken one is named on stderr and left out,
+    so one bad folder does not hide the others. Only broken runs: the first one's error."""
+    kept, configs, records, broken = [], [], {}, []
+    for run in runs:
+        try:
+            config, recs = run.read_config(), read_metrics(run)
+        except StrideError as exc:
+            broken.append(str(exc))
+            continue
+        kept.append(run)
+        configs.append(config)
+        records[run.name] = recs
+    if not kept:
+        raise StrideError(broken[0])
+    for reason in broken:
+        print(f"stride: warning: a broken run is left out of the plot: {reason}", file=sys.stderr)
+    return kept, configs, records
 
 
 def default_output(work_dir: Path, metrics: Sequence[str]) -> Path:
@@ -127,6 +150,8 @@ def render(panels: dict[str, list[Series]], out: Path, title: str = "") -> Path:
     except ImportError:
         raise StrideError(f"stride plot needs matplotlib, which is not installed here: {INSTALL_HINT}") from None
     out = Path(out)
+    if out.is_dir():
+        raise StrideError(f"--out {out} is a folder: give the file to write, e.g. --out {out / 'curves.png'}")
     fmt = out.suffix.lstrip(".").lower() or "png"
     figure = Figure(figsize=(6 * len(panels), 4.5), layout="constrained")
     canvas = FigureCanvasAgg(figure)  # Agg: no display, no pyplot state
@@ -149,6 +174,9 @@ def render(panels: dict[str, list[Series]], out: Path, title: str = "") -> Path:
             axes.legend(fontsize="small")
     if title:
         figure.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, "create the folder for", out) from None
     atomic_write(out, lambda handle: figure.savefig(handle, format=fmt), mode="wb")
     return out

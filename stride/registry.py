@@ -1,7 +1,9 @@
-"""Datasets and models by registered name or by import path, so users add their own without editing stride.
+"""Plug-ins by registered name or by import path, so users add their own without editing stride: models, datasets,
+tasks, metrics, callbacks and metric sinks.
 
-`@register_model("Name")` / `@register_dataset("name")` register a class or function; any config may instead say
-`model_name=my_pkg.models:MyNet`. Resolving a built-in name imports stride's built-ins (and torch) only then.
+`@register_model("Name")`, `@register_dataset("name")`, `@register_task(...)`, ... register a class or function; any
+config may instead name `my_pkg.models:MyNet`. Resolving a built-in name imports stride's built-ins (and torch) only
+then.
 """
 from __future__ import annotations
 
@@ -13,8 +15,9 @@ from typing import Any, Callable, Mapping
 from stride.config import check_value
 from stride.errors import ConfigError, did_you_mean
 
-_REGISTRIES: dict[str, dict[str, Callable[..., Any]]] = {"model": {}, "dataset": {}}
-_BUILTINS = {"model": "stride.models", "dataset": "stride.datasets"}
+_BUILTINS = {"model": "stride.models", "dataset": "stride.datasets", "task": "stride.training.task",
+             "metric": "stride.training.metrics", "callback": "stride.training.hooks", "sink": "stride.training.sinks"}
+_REGISTRIES: dict[str, dict[str, Callable[..., Any]]] = {kind: {} for kind in _BUILTINS}
 
 
 def _register(kind: str, name: str | None) -> Callable[[Callable], Callable]:
@@ -33,6 +36,32 @@ def register_model(name: str | None = None) -> Callable[[Callable], Callable]:
 def register_dataset(name: str | None = None) -> Callable[[Callable], Callable]:
     """Register a dataset builder returning `stride.datasets.DataSplits` under `name` (default: its name)."""
     return _register("dataset", name)
+
+
+def register_task(name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a stride.Task subclass (how batches become a loss and metrics) under `name`."""
+    return _register("task", name)
+
+
+def register_metric(name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a stride.Metric subclass under `name`, usable in task_kwargs.metrics."""
+    return _register("metric", name)
+
+
+def register_callback(name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a stride.Callback subclass under `name`, usable in the config's `callbacks` list."""
+    return _register("callback", name)
+
+
+def register_sink(name: str | None = None) -> Callable[[Callable], Callable]:
+    """Register a stride.MetricSink subclass under `name`, usable in the config's `sinks` list."""
+    return _register("sink", name)
+
+
+def is_registered(kind: str, name: str) -> bool:
+    if name not in _REGISTRIES[kind]:
+        importlib.import_module(_BUILTINS[kind])
+    return name in _REGISTRIES[kind]
 
 
 def _import_path(kind: str, path: str) -> Callable[..., Any]:
@@ -57,6 +86,25 @@ def _import_path(kind: str, path: str) -> Callable[..., Any]:
     if not callable(obj):
         raise ConfigError(f"{kind} '{path}' is not a class or function")
     return obj
+
+
+def import_object(label: str, path: str) -> Callable[..., Any]:
+    """A class or function by import path ('pkg.module:attr'), for plug-ins that have no registry of their own;
+    `label` names it in errors (e.g. 'loss', 'optimizer')."""
+    return _import_path(label, path)
+
+
+def call_plugin(kind: str, name: str, target: Callable[..., Any], kwargs: Mapping[str, Any],
+                shown: Mapping[str, Any] | None = None) -> Any:
+    """Build a plug-in; anything it raises (but a ConfigError) becomes one line naming it and its settings."""
+    try:
+        return target(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        settings = dict(kwargs if shown is None else shown)
+        raise ConfigError(f"{kind} '{name}' could not be built with {kind}_kwargs {settings}: {_one_line(exc)}"
+                          ) from None
 
 
 def _one_line(exc: BaseException) -> str:

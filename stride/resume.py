@@ -6,10 +6,12 @@ before any launcher imports torch.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any, Mapping, Optional, Sequence
 
+from stride import claim as claim_lib
 from stride import config as config_lib
 from stride.checkpoint_files import first_good
 from stride.errors import RunError
@@ -47,7 +49,8 @@ def amend_config(run: RunDir, overrides: Sequence[str], flags: Optional[Mapping]
     """The run's config with `key=value` overrides and CLI flags applied; (config, changes). Refuses other keys."""
     original = run.read_config()
     amended = config_lib.resolve(overrides=overrides, base=original, final=flags or {}, experiment_config=False)
-    changes = changed_keys(original, amended)
+    # Against the original with today's defaults filled in: a key added to stride since the run was made is no change.
+    changes = changed_keys(config_lib.validate(json.loads(json.dumps(original))), amended)
     refused = [k for k in changes if not k.startswith(AMENDABLE_PREFIXES)]
     if refused:
         raise RunError(f"cannot change {', '.join(refused)} when resuming {run.path}: it would no longer be the same "
@@ -55,24 +58,23 @@ def amend_config(run: RunDir, overrides: Sequence[str], flags: Optional[Mapping]
     return amended, changes
 
 
-def _process_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Mapping) -> Optional[str]:
-    """Raise when the run cannot be resumed; return a message when there is nothing to do (a completed run)."""
+    """Raise when the run cannot be resumed; return a message when there is nothing to do (a completed run).
+
+    After asking the queue, this process claims the run (stride.claim), before anything is written: a second `stride
+    resume` started at the same moment, here or on another host, is refused at once, naming this one. The claim is
+    held until this process exits, or hands over: its launcher trains under it, and `launch.submit_run` lets go once
+    the job is recorded (the job's rank 0 then claims the run for its attempt).
+    """
     status = run.read_status()
     if live_state in LIVE_STATES and status.get("launcher") == "slurm":
         raise RunError(f"run {run.path} still has SLURM job {status.get('job_id')} ({live_state}): wait for it, or "
                        f"`stride cancel {run.path}` first")
+    claim_lib.acquire(run, launcher="resume", purpose=claim_lib.RESUME)
+    status = run.read_status()  # as it is now that no other process can start an attempt
+    run.read_metadata()  # unreadable, or hand-edited into a list: stop here, before the resume writes anything
     if (live_state == "running" and status.get("host") == socket.gethostname()
-            and _process_alive(status.get("pid"))):
+            and claim_lib.process_alive(status.get("pid"))):  # a run started by a stride without claims
         raise RunError(f"run {run.path} is running right now (pid {status.get('pid')} on this machine): stop it first")
     epochs, was = config["training_kwargs"]["epochs"], original["training_kwargs"]["epochs"]
     if status.get("state") == "completed" and epochs <= was:
@@ -100,4 +102,8 @@ def record_resume(run: RunDir, config: dict, changes: dict, launcher: str, comma
                                                    "checkpoint": checkpoint.name if checkpoint else None})
 
     run.update_metadata(note)
-    run.update_status(state="pending", ended_at=None, resumed_at=stamp, results=None)
+    # Resumed here, a run that last ran on SLURM is no longer its old job's: `stride status` must not ask sacct.
+    local = {"launcher": launcher, "job_id": None} if launcher == "local" else {}
+    from stride import runstate
+
+    runstate.move(run, "pending", resumed_at=stamp, results=None, stop_reason=None, **local)

@@ -6,6 +6,7 @@ exactly what submitit submits; every value in it is shell-quoted there.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -18,7 +19,46 @@ from typing import Any, Iterable, Mapping, Optional
 from stride.errors import ClusterError, ConfigError
 from stride.proc import run_command
 
-SBATCH_KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+SBATCH_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*\Z")
+# sbatch options that stride sets itself, or that would break how it submits, with what to give instead ({value}: the
+# value given). sbatch takes any unambiguous abbreviation of a long option (`--nod=2` is --nodes), so a key that
+# abbreviates one of these is refused too; no other sbatch option is a prefix of one of them.
+OWNED_SBATCH_OPTIONS: dict[str, str] = {
+    "array": "a sweep is submitted as one job array: give comma-separated values, e.g. training_kwargs.lr=1e-3,3e-4 "
+             "(--max-parallel N throttles it)",
+    "nodes": "use --nodes {value} (slurm.nodes)",
+    "ntasks": "use --tasks-per-node N (slurm.tasks_per_node), or --gpus N for one task per GPU",
+    "ntasks-per-node": "use --tasks-per-node {value} (slurm.tasks_per_node), or --gpus N for one task per GPU",
+    "ntasks-per-core": "use --tasks-per-node N (slurm.tasks_per_node), or --gpus N for one task per GPU",
+    "ntasks-per-gpu": "use --gpus N (slurm.gpus_per_node): one task per GPU",
+    "ntasks-per-socket": "use --tasks-per-node N (slurm.tasks_per_node), or --gpus N for one task per GPU",
+    "gpus": "use --gpus N (slurm.gpus_per_node): GPUs per node, one task each",
+    "gpus-per-node": "use --gpus {value} (slurm.gpus_per_node)",
+    "cpus-per-task": "use --cpus-per-task {value} (slurm.cpus_per_task)",
+    "mem": "use --mem {value} (slurm.mem_gb)",
+    "time": "use --time {value} (slurm.time_min)",
+    "partition": "use --partition {value} (slurm.partition)",
+    "account": "use --account {value} (slurm.account)",
+    "qos": "use --qos {value} (slurm.qos)",
+    "constraint": "use --constraint {value} (slurm.constraint)",
+    "exclusive": "use --exclusive (slurm.exclusive)",
+    "job-name": "set slurm.job_name={value}",
+    "signal": "stride asks for USR2 before the time limit to checkpoint: set slurm.signal_delay_s=SECONDS",
+    "output": "stride keeps the job's logs in the run folder: read them with `stride logs RUN --slurm out`",
+    "error": "stride keeps the job's logs in the run folder: read them with `stride logs RUN --slurm err`",
+    "open-mode": "stride appends to the job's logs, so a requeued job keeps its earlier attempts",
+    "requeue": "stride always submits with --requeue (give no-requeue to opt out)",
+    "wrap": "stride writes the job script: give shell lines with --setup (slurm.setup)",
+    "parsable": "stride reads the job id itself",
+    "wait": "stride submit returns at once: follow the run with `stride status` or `stride logs RUN --follow`",
+    "test-only": "stride submit asks `sbatch --test-only` itself before submitting; --dry-run prints the script",
+    "help": "it is not a job option",
+    "usage": "it is not a job option",
+    "version": "it is not a job option",
+}
+# Keys whose values become `#SBATCH --key=value` lines. sbatch reads a backslash there as an escape even inside
+# quotes (`'a\b'` becomes `ab`), so no quoting can carry one.
+SBATCH_TEXT_KEYS = ("partition", "account", "qos", "constraint", "job_name")
 # Slurm job states that mean the job is still alive (queued, starting, running or being requeued).
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
                  "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD"}
@@ -89,12 +129,82 @@ def tasks_per_node(slurm: Mapping) -> int:
     return slurm["gpus_per_node"] or slurm["tasks_per_node"] or 1
 
 
+def check_sbatch_args(args: Any) -> list[str]:
+    """Problems in `slurm.sbatch_args` (also what `--sbatch KEY=VALUE` gives), one line each; [] when fine."""
+    if not isinstance(args, Mapping):
+        return []  # the type check names it
+    problems, seen = [], {}
+    for key, value in args.items():
+        shown = json.dumps(str(key))
+        if not SBATCH_KEY.match(str(key)):
+            problems.append(f"sbatch option {shown} (slurm.sbatch_args, --sbatch) is not an sbatch option name: use "
+                            f"names like mail-type or gres, without leading dashes")
+            continue
+        name = str(key).replace("_", "-").lower()  # submitit writes `--job_name` as --job-name
+        owned = name if name in OWNED_SBATCH_OPTIONS else next(
+            (option for option in OWNED_SBATCH_OPTIONS if option.startswith(name)), None)
+        if owned is not None:
+            how = "is" if owned == name else "abbreviates"
+            hint = OWNED_SBATCH_OPTIONS[owned].replace("{value}", "N" if value is True else str(value))
+            problems.append(f"sbatch option {shown} (slurm.sbatch_args, --sbatch) {how} sbatch's --{owned}, which "
+                            f"stride sets itself: {hint}")
+            continue
+        if name in seen:
+            problems.append(f"sbatch option {shown} (slurm.sbatch_args, --sbatch) is also given as "
+                            f"{json.dumps(seen[name])}: give it once")
+            continue
+        seen[name] = str(key)
+        if value is True:
+            continue  # a switch: `#SBATCH --hold`
+        big = isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63
+        if big or value is False or value is None or not isinstance(value, (str, int, float)):
+            given = f"a {value.bit_length()}-bit integer" if big else json.dumps(value, default=str)
+            problems.append(f"sbatch option {shown} (slurm.sbatch_args, --sbatch) got {given}; expected a string or "
+                            f"number, or true for a switch (drop the key to leave it unset)")
+        elif isinstance(value, str) and not value.strip():
+            problems.append(f"sbatch option {shown} (slurm.sbatch_args, --sbatch) has an empty value: give one "
+                            f"(--sbatch {key}=VALUE), or just the name for a switch (--sbatch {key})")
+        elif "\\" in str(value):
+            problems.append(f"sbatch option {shown} (slurm.sbatch_args, --sbatch) holds a backslash "
+                            f"({json.dumps(value)}), which sbatch drops from #SBATCH lines even when quoted: remove it")
+    return problems
+
+
+def check_section(slurm: Any, work_dir: Any = None) -> list[str]:
+    """Problems in the config's `slurm` section (and work_dir) that field types cannot catch, one line each: what
+    would not reach sbatch as written, or would override what stride sets itself."""
+    if not isinstance(slurm, Mapping):
+        return []
+    problems = check_sbatch_args(slurm.get("sbatch_args"))
+    for key in SBATCH_TEXT_KEYS:
+        value = slurm.get(key)
+        if isinstance(value, str) and "\\" in value:
+            problems.append(f"config key 'slurm.{key}' holds a backslash ({json.dumps(value)}), which sbatch drops "
+                            f"from #SBATCH lines even when quoted: remove it")
+    setup = slurm.get("setup")
+    for index, line in enumerate(setup if isinstance(setup, list) else []):
+        if not isinstance(line, str):
+            problems.append(f"config key 'slurm.setup[{index}]' got {json.dumps(line, default=str)}; expected a shell "
+                            f"line (a string), e.g. 'module load cuda'")
+        elif line.startswith("#SBATCH"):
+            # sbatch reads every #SBATCH line before the first command, so this one would become a directive.
+            problems.append(f"config key 'slurm.setup[{index}]' is an #SBATCH directive ({json.dumps(line)}): give "
+                            f"sbatch options with --sbatch KEY=VALUE (slurm.sbatch_args)")
+    if isinstance(work_dir, str):
+        for char, why in (("%", "reads as a file-name pattern (%j: the job id, %u: the user...)"),
+                          ("\\", "reads as 'no patterns here', so the logs would not be where stride looks")):
+            if char in work_dir:
+                problems.append(f"work_dir {json.dumps(work_dir)} holds '{char}', which Slurm {why} in the job's log "
+                                f"paths: choose a folder without '%' or '\\'")
+                break
+    return problems
+
+
 def submitit_parameters(slurm: Mapping, job_name: str) -> dict:
     """Config `slurm` section -> SlurmExecutor.update_parameters keywords (and _make_sbatch_string's)."""
-    problems = [key for key in slurm["sbatch_args"] if not SBATCH_KEY.match(str(key))]
+    problems = check_section(slurm)  # config.validate already refused these; a hand-made section is checked again
     if problems:
-        raise ConfigError(f"slurm.sbatch_args key '{problems[0]}' is not an sbatch option name: use names like "
-                          f"mail-type or gres, without leading dashes")
+        raise ConfigError(problems[0])
     params: dict[str, Any] = {
         "job_name": slurm["job_name"] or job_name,
         "nodes": slurm["nodes"],

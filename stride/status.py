@@ -6,16 +6,21 @@ timed out, killed). Standard library only: no torch, so the command is instant.
 """
 from __future__ import annotations
 
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from stride import slurm
+from stride import claim as claim_lib
+from stride import runstate, slurm
 from stride.compare import higher_is_better
+from stride.errors import StrideError
 from stride.rundir import RunDir
 
-FINAL_STATES = {"completed", "failed", "cancelled", "timeout", "stopped"}
+FINAL_STATES = set(runstate.FINAL)
+# A state that names no running process: what `stride logs --follow` waits for.
+ENDED_STATES = FINAL_STATES | {"lost", "preempted", "node_fail", "out_of_memory", "broken"}
 # What a rank that died without a Python exception (it wrote nothing) most likely met, by srun's word for it.
 DEATH_HINTS = (("Killed", "SIGKILL: the out-of-memory killer, kill -9, or a site limit"),
                ("Out Of Memory", "over its memory limit: ask for more with --mem"),
@@ -80,6 +85,35 @@ def _elapsed_s(status: dict) -> Optional[float]:
     return (end or time.time()) - start
 
 
+def local_ending(run: RunDir, status: dict) -> Optional[str]:
+    """Why a run trained on a machine (not through SLURM) that still says pending or running has no process left,
+    or None while one may still hold it.
+
+    Its claim names the processes that hold it (on any host sharing the folder); a run without one is judged by the
+    pid it recorded, when that pid is on this host.
+    """
+    if status.get("state") not in ("pending", "running"):
+        return None
+    holder = claim_lib.current(run)
+    if holder is not None:
+        why = holder.why_dead()
+        return f"{why}: it ended without recording how (killed?)" if why else None
+    status = run.read_status()  # released just now? Then its final state is written: read it again
+    if status.get("state") != "running":
+        return None
+    pid, host = status.get("pid"), status.get("host")
+    if pid and host == socket.gethostname() and not claim_lib.process_alive(pid):
+        return f"pid {pid} on host {host} is gone: it ended without recording how (killed?)"
+    return None
+
+
+def broken_row(run: RunDir, reason: str) -> dict:
+    """A run folder stride cannot read (a hand-edited status.json, no permission): listed, with the reason."""
+    return {"run": run.name, "path": str(run.path), "state": "broken", "job_id": "", "nodes": "", "epoch": "",
+            "step": "", "metrics": {}, "elapsed_s": None, "sweep": None, "failure": {"error": reason},
+            "broken": reason}
+
+
 def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
     """One run's row: state, job, nodes, progress, metrics, elapsed, and the failure when there is one.
 
@@ -115,24 +149,45 @@ def describe(run: RunDir, queue: Optional[dict], accounting: dict) -> dict:
         if death:
             failure.update(death)
             state = state if state == "out_of_memory" else "failed"
+    lost = local_ending(run, status) if not job_id else None
+    if lost:
+        state = "lost"
+        failure.update(error=lost)
     epoch, step, total = status.get("epoch"), status.get("step"), status.get("total_steps")
     epochs = run.read_config().get("training_kwargs", {}).get("epochs") if run.exists() else None
     metrics = status.get("results") or status.get("metrics") or {}
     row = {"run": run.name, "path": str(run.path), "state": state, "job_id": job_id or "", "nodes": nodes,
            "epoch": f"{epoch}/{epochs}" if epoch is not None else "", "step": f"{step}/{total}" if step else "",
            "metrics": metrics, "elapsed_s": _elapsed_s(status), "sweep": run.read_metadata().get("sweep")}
-    if state == "failed" or failure["failed_rank"] is not None:
+    if state in ("failed", "lost") or failure["failed_rank"] is not None:
         row["failure"] = failure
     return row
 
 
-def describe_runs(runs: Iterable[RunDir]) -> list[dict]:
+def _job_id_or_none(run: RunDir) -> Optional[str]:
+    try:
+        return job_id_of(run)
+    except StrideError:
+        return None
+
+
+def describe_runs(runs: Iterable[RunDir], keep_broken: bool = True) -> list[dict]:
+    """One row per run. A run whose folder cannot be read is a `broken` row (`keep_broken`), so one bad folder
+    does not hide the others; without `keep_broken` its error is raised."""
     runs = list(runs)
-    job_ids = [j for j in (job_id_of(r) for r in runs) if j]
+    job_ids = [j for j in (_job_id_or_none(r) for r in runs) if j]
     queue = slurm.query_squeue(job_ids)
     missing = [j for j in job_ids if queue is not None and j not in queue]
     accounting = slurm.query_sacct(missing) if missing else {}
-    return [describe(run, queue, accounting) for run in runs]
+    rows = []
+    for run in runs:
+        try:
+            rows.append(describe(run, queue, accounting))
+        except StrideError as exc:
+            if not keep_broken:
+                raise
+            rows.append(broken_row(run, str(exc)))
+    return rows
 
 
 def _format_elapsed(seconds: Optional[float]) -> str:
@@ -200,6 +255,9 @@ def format_table(rows: list[dict], sort: Optional[str] = None) -> str:
         blocks.append("\n".join(_render(columns, table)))
     for sweep_id, members in sweeps.items():
         blocks.append("\n".join(_format_sweep(sweep_id, sort_rows(members, sort))))
+    broken = [f"run {r['run']} is broken: {r['broken']}" for r in rows if r.get("broken")]
+    if broken:
+        blocks.append("\n".join(broken))
     return "\n\n".join(blocks)
 
 
@@ -218,7 +276,8 @@ def format_detail(row: dict) -> str:
         for line in failure.get("error_tail") or []:
             lines.append(f"          {line}")
     elif failure and failure.get("error"):
-        lines.append(f"failed:   {failure['error']}")
+        label = {"lost": "ended:", "broken": "broken:"}.get(row["state"], "failed:")
+        lines.append(f"{label:<9} {failure['error']}")
     return "\n".join(lines)
 
 
@@ -241,7 +300,8 @@ def read_new(path: Path, offset: int) -> tuple[str, int]:
 
 
 def is_finished(run: RunDir) -> bool:
-    return describe_runs([run])[0]["state"] in FINAL_STATES | {"lost", "preempted", "node_fail", "out_of_memory"}
+    """The run has ended: a final state, or no process left that could still write (see `local_ending`)."""
+    return describe_runs([run])[0]["state"] in ENDED_STATES
 
 
 def follow(run: RunDir, path: Path, write: Any, poll_s: float = 0.5, idle_after_end_s: float = 2.0,

@@ -49,3 +49,16 @@ def stride(tmp_path):
     def call(*args: str, **kwargs):
         return run_stride(*args, cwd=tmp_path, **kwargs)
     return call
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under the test command (tests/run.sh sets STRIDE_FORBID_SKIPS=1) a skipped test fails the run: a cluster or
+    image that silently failed to start must not turn into a green run."""
+    if os.environ.get("STRIDE_FORBID_SKIPS") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped:
+        reporter.write_line(f"FAILED: {len(skipped)} test(s) skipped; the test command runs every test "
+                            f"(first: {skipped[0].nodeid})", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

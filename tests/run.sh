@@ -14,4 +14,4 @@ bash slurm/cluster.sh up
 eval "$(bash slurm/cluster.sh env)"
 eval "$(STRIDE_PIP="$VENV/bin/pip" bash containers/setup.sh || echo 'exit 1')"   # container runtimes and test images
 
-exec "$VENV/bin/python" -m pytest -v -rs tests "$@"
+STRIDE_FORBID_SKIPS=1 exec "$VENV/bin/python" -m pytest -v -rs tests "$@"

@@ -20,13 +20,14 @@ def test_quick_bench_reports_every_row(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = proc.stdout
     for row in ("MLP, overhead-sensitive: training steps/s", "CNN, the default: training steps/s",
+                "char-LM, a stride.Task on dict batches: training steps/s",
                 "process start → first training step", "peak memory", "`stride --help`", "`stride status`",
                 "`stride submit --dry-run`", "training stall", "checkpoint write (serialise, CRC32", "same write in the background"):
         assert row in table, f"row {row!r} missing from:\n{table}"
     assert "| measure | raw PyTorch | stride | stride/raw | target | met |" in table
 
     results = json.loads(out_json.read_text())
-    for name in ("mlp", "cnn"):
+    for name in ("mlp", "cnn", "lm"):
         (pair,) = results["throughput"][name]
         assert pair["raw"]["steps"] == pair["stride"]["steps"] > 0
         # Same data, model, seeds and step order on both sides: the same numbers come out.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -9,15 +10,18 @@ from torch.utils.data import Dataset, Subset
 
 @dataclass
 class DataSplits:
-    train: Dataset
-    val: Dataset
-    test: Dataset
+    """A split is None when its builder was asked for other splits only (a builder that takes `splits`)."""
+
+    train: Optional[Dataset]
+    val: Optional[Dataset]
+    test: Optional[Dataset]
     input_shape: tuple
     """Shape of one input sample; passed to models that take `input_shape`."""
-    num_outputs: int
+    num_outputs: Optional[int]
     """Classes (classification) or targets (regression); passed to models that take `num_outputs`."""
     task: str = "classification"
-    """classification (cross-entropy, accuracy) or regression (mean squared error)."""
+    """The task used when task_kwargs.task_name is auto: classification (cross-entropy, accuracy) or regression
+    (mean squared error)."""
 
 
 def split_dataset(dataset: Dataset, val_fraction: float, test_fraction: float, split_seed: int

@@ -1,0 +1,1 @@
+"""A character-level transformer language model (see README.md)."""
