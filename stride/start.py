@@ -139,7 +139,13 @@ def container_plan(config: dict, gpus_requested: int, for_submit: bool) -> Any:
 
 
 def check_visible_gpus(config: dict, gpus: int) -> None:
-    """A local run that asks for GPUs this machine does not show fails here, before its folder exists."""
+    """A local run that asks for a device this machine does not have fails here, before its folder exists."""
+    if config["device"] == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise StrideError("device=mps but this machine has no Apple GPU (MPS): use device=auto or device=cpu")
+        return
     if not gpus and not str(config["device"]).startswith("cuda"):
         return
     import torch

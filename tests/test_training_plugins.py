@@ -249,6 +249,8 @@ def test_builders_get_the_run_folder_and_load_run_reads_no_training_data(plugins
       "model_kwargs.hidden=[-4]"], "model 'MLP' could not be built"),
     (["model_kwargs.model_name=user_plugins:TwoInputs"], "one batch through model"),
     (["task_kwargs.task_name=user_plugins:VectorLoss"], "not a scalar tensor"),
+    (["device=mps"], "no Apple GPU"),
+    (["device=cuda"], "asks for 1 GPU(s) but this machine shows 0"),
 ])
 def test_bad_training_settings_are_one_line_before_any_run_folder(plugins, stride, words, message):
     proc = stride("local", "work_dir=exp", "model_kwargs.model_name=MLP", *words, env={"PYTHONPATH": str(plugins)})
