@@ -22,6 +22,16 @@ def run_stride(*args: str, cwd: Path, timeout: float = CLI_TIMEOUT_S, env: dict 
     return proc
 
 
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """The CLI refused with exactly one `stride: error:` line (exit 2) holding every needle; returns the line."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stride: error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 def cli_env(env: dict | None = None) -> dict:
     full_env = dict(os.environ, **(env or {}))
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import CLI_TIMEOUT_S, REPO, cli_env, read_json, read_jsonl, run_stride, start_stride
+from conftest import (CLI_TIMEOUT_S, REPO, cli_env, one_line_error, read_json, read_jsonl, run_stride,
+                      start_stride)
 from slurm_helpers import job_state, submitted, wait_gone
 from test_resume import assert_bitwise_equal  # the one definition of "bitwise equal"
 
@@ -47,15 +48,6 @@ def cli(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
 def train(cwd: Path, name: str, *extra: str) -> Path:
     cli("local", "work_dir=exp", CONFIG[name], *EXACT, *extra, cwd=cwd, check=True)
     return cwd / "exp" / "0"
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stride: error: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def loaded(run: Path, **kwargs):

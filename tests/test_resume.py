@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cli_env, read_json, read_jsonl, start_stride
+from conftest import cli_env, one_line_error, read_json, read_jsonl, start_stride
 
 # Deterministic, small batches: ~145 steps per epoch on one process, long enough to be interrupted mid-epoch.
 EXACT = ["training_kwargs.deterministic=true", "training_kwargs.epochs=4", "load_data_kwargs.batch_size=8",
@@ -115,15 +115,6 @@ def mark_stopped(run: Path) -> None:
     status = read_json(run / "status.json")
     status["state"] = "stopped"
     (run / "status.json").write_text(json.dumps(status))
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stride: error: "), proc.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def test_completed_run_says_so_and_more_epochs_continue_it(tmp_path, stride, finished_run):

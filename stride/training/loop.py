@@ -60,6 +60,7 @@ class Loop:
         self.callbacks = Callbacks(build_callbacks(trainer.config, trainer.extra_callbacks) if self.is_main else [])
         self.sinks = build_sinks(trainer.config, trainer.extra_sinks) if self.is_main else None
         self.best: Optional[dict] = None
+        self.epoch = self.epochs_done = 0  # the epoch being trained, and how many have been (partly) trained
         self.end_reason: Optional[str] = None  # a hook or early stopping ended the run (not a stop to resume)
 
     # -------------------------------------------------------------------------------------------------- building
@@ -168,6 +169,7 @@ class Loop:
         t, tk = self.t, self.tk
         self._build()
         start_epoch, step, batches_done = self._resume()
+        self.epoch = self.epochs_done = start_epoch
         self._announce(start_epoch, step)
         if not step:
             torch.manual_seed(tk["seed"] + self.env.rank)  # per-rank dropout/augmentation streams
@@ -200,11 +202,13 @@ class Loop:
                     return outcome
                 if outcome is not None:  # a hook ended the run at a log point: keep its state and best weights
                     self.save_checkpoint(epoch, step, self.batch_index)
+                    self.epochs_done = epoch + 1
                     break
             self.progress.close()
             batches_done = 0
             if self.end_reason is not None and self.batch_index < num_batches:
                 break  # a hook ended the run at a log point: no evaluation of a partial epoch
+            self.epochs_done = epoch + 1
             if self._end_epoch(epoch, step):
                 break
         self.checkpointer.wait()
@@ -263,7 +267,7 @@ class Loop:
                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
         reason = self.end_reason or self.early_stopping.update(value)
         if self.is_main and reason is None:
-            reason = self.callbacks.epoch_end(self._fit_state(step, metrics, epoch))
+            reason = self.callbacks.epoch_end(self._fit_state(step, metrics))
         # Checkpoints keep their own cadence (minutes, steps) rather than one per epoch: a short epoch would spend
         # more on the file than on training. The last epoch always ends with one (best.pt, resume with more epochs).
         every_s = self.tk["checkpoint_every_minutes"] * 60
@@ -294,7 +298,7 @@ class Loop:
             dist.barrier()
         if self.run_dir.best_weights.is_file():
             t.load_weights(self.run_dir.best_weights)
-        epochs_run = (self.epoch + 1) if hasattr(self, "epoch") else self.tk["epochs"]
+        epochs_run = self.epochs_done
         results = {**t.evaluate("test", self.test_loader), **t.evaluate("val", self.val_loader),
                    "best": self.best, "epochs": epochs_run, "steps": step,
                    "train_time_s": round(train_time, 3), "world_size": self.env.world_size}
@@ -313,10 +317,9 @@ class Loop:
                       best["value"], best["epoch"] + 1, self.run_dir.path)
         return results
 
-    def _fit_state(self, step: int, metrics: dict, epoch: Optional[int] = None) -> FitState:
-        return FitState(run_dir=self.run_dir.path, config=self.t.config, epoch=self.epoch if epoch is None and
-                        hasattr(self, "epoch") else (epoch or 0), step=step, total_steps=self.total_steps,
-                        metrics=dict(metrics), best=self.best, trainer=self.t)
+    def _fit_state(self, step: int, metrics: dict) -> FitState:
+        return FitState(run_dir=self.run_dir.path, config=self.t.config, epoch=self.epoch, step=step,
+                        total_steps=self.total_steps, metrics=dict(metrics), best=self.best, trainer=self.t)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def _state(self, epoch: int, step: int, batches_done: int) -> dict:

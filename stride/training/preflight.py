@@ -51,12 +51,8 @@ def check(configs: Sequence[Mapping]) -> None:
 
 
 def check_one(config: dict, data: object) -> None:
-    trainer = Trainer.__new__(Trainer)
-    trainer.extra_callbacks, trainer.extra_sinks, trainer.run_dir = [], [], None
-    from stride.distenv import DistEnv
-
-    trainer.env, trainer.config, trainer.device = DistEnv(), config, torch.device("cpu")
-    trainer._setup(data)
+    trainer = Trainer(config=config)  # data and model are built on first use: the data given, then the model
+    trainer.data = data
     task, model = trainer.task, trainer.model  # building the model: its errors are one line already
     name = config["task_kwargs"].get("task_name", "auto")
     loader = DataLoader(trainer.data.train, batch_size=config["load_data_kwargs"]["batch_size"])

@@ -96,10 +96,7 @@ class Trainer:
             config=config, layers=[{k: v for k, v in given.items() if v is not None}],
             overrides=overrides, config_files=config_files)
         self.device = resolve_device(self.config["device"], self.env)
-        self._setup()
-
-    def _setup(self, data: Optional[DataSplits] = None) -> None:
-        self._data: Optional[DataSplits] = data
+        self._data: Optional[DataSplits] = None
         self._data_for: Optional[Path] = None
         self._task: Optional[Task] = None
         self.shapes: Optional[dict] = None
