@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Collection, Iterator, Optional, Sequence
 
 from stride.errors import RunError
 from stride.rundir import FILE_MODE, RunDir, fsync_dir, now_iso
@@ -337,12 +337,13 @@ def _write_info(path: Path, info: dict) -> None:
 
 def acquire(run: RunDir, launcher: str, job_id: Optional[str] = None, attempt: Optional[str] = None,
             purpose: str = TRAIN, wait_for_resume_s: float = 0.0,
-            on_lost: Optional[Callable[[str], None]] = None) -> Claim:
+            on_lost: Optional[Callable[[str], None]] = None, ended_jobs: Collection[str] = ()) -> Claim:
     """Claim `run` for this process, or raise ClaimRefused naming the live holder.
 
     Re-entrant: a run this process holds already is held one level deeper. A SLURM attempt (`job_id`) takes over a
     claim of its own job (a requeued attempt, while the previous one's heartbeat is still fresh), and waits up to
-    `wait_for_resume_s` for a `stride resume` that is still submitting it.
+    `wait_for_resume_s` for a `stride resume` that is still submitting it. A claim held by one of `ended_jobs` (SLURM
+    jobs the caller saw leave the queue: their processes are gone, however they ended) is dead at once.
     """
     key = str(run.path)
     with _HELD_GUARD:
@@ -372,6 +373,8 @@ def acquire(run: RunDir, launcher: str, job_id: Optional[str] = None, attempt: O
             if holder is None:
                 continue  # released while we looked
             why = holder.why_dead()
+            if why is None and holder.info.get("job_id") and str(holder.info["job_id"]) in ended_jobs:
+                why = f"its SLURM job {holder.info['job_id']} has left the queue"
             if why is None and job_id and holder.info.get("job_id") == job_id:
                 why = f"attempt {holder.info.get('attempt')} of the same job {job_id} was requeued"
             if why is None:

@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from stride import claim as claim_lib
 from stride import config as config_lib
+from stride import slurm
 from stride.checkpoint_files import first_good
 from stride.errors import RunError
 from stride.rundir import RunDir, now_iso
@@ -70,7 +71,7 @@ def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Map
     if live_state in LIVE_STATES and status.get("launcher") == "slurm":
         raise RunError(f"run {run.path} still has SLURM job {status.get('job_id')} ({live_state}): wait for it, or "
                        f"`stride cancel {run.path}` first")
-    claim_lib.acquire(run, launcher="resume", purpose=claim_lib.RESUME)
+    claim_lib.acquire(run, launcher="resume", purpose=claim_lib.RESUME, ended_jobs=_ended_holder_job(run))
     status = run.read_status()  # as it is now that no other process can start an attempt
     run.read_metadata()  # unreadable, or hand-edited into a list: stop here, before the resume writes anything
     if (live_state == "running" and status.get("host") == socket.gethostname()
@@ -86,6 +87,19 @@ def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Map
         raise RunError(f"run {run.path} has no complete checkpoint to resume from ({why}): train it again with "
                        f"`stride local {run.config_file} run=null`")
     return None
+
+
+def _ended_holder_job(run: RunDir) -> list[str]:
+    """The SLURM job named by the run's claim when the queue says it is over: a job killed before its rank 0 let go
+    (scancel's SIGKILL after KillWait, a node failure) leaves a fresh claim that would refuse for minutes."""
+    holder = claim_lib.live_holder(run)
+    job_id = str(holder.info.get("job_id") or "") if holder else ""
+    if not job_id:
+        return []
+    queue = slurm.query_squeue([job_id])
+    if queue is None or (job_id in queue and queue[job_id]["state"].lower() in LIVE_STATES):
+        return []  # squeue cannot be asked, or the job still runs (or its processes are still exiting)
+    return [job_id]
 
 
 def record_resume(run: RunDir, config: dict, changes: dict, launcher: str, command: Sequence[str]) -> None:

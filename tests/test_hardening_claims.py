@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import cli_env, read_json, read_jsonl, run_stride, start_stride
+from slurm_helpers import job_state, needs_slurm, wait_gone
 
 SLOW = """
 import time, torch
@@ -155,12 +156,12 @@ def fake_claim(run: Path, host: str = "node-elsewhere", age_s: float = 0.0, numb
 
 def test_a_claim_held_on_another_host_refuses_until_its_heartbeat_is_stale(tmp_path, stride, one_epoch):
     run = copy_run(one_epoch, tmp_path)
-    claim = fake_claim(run)
+    claim = fake_claim(run, launcher="torchrun", job_id=None, attempt="torchrun-1")
     config_before = (run / "config.json").read_text()
     for args in (["--local"], []):  # on SLURM too: refused before anything is submitted
         line = one_error_line(stride("resume", str(run), *args, "training_kwargs.epochs=2").stderr)
-        assert (f"run {run} is being trained by pid 4242 on host node-elsewhere since 2026-12-01T10:00:00+0000 "
-                f"(job 977): wait for it, or `stride cancel {run}`") in line
+        assert (f"run {run} is being trained by pid 4242 on host node-elsewhere since 2026-12-01T10:00:00+0000: "
+                f"wait for it, or stop it (Ctrl-C where it runs, or kill -INT 4242)") in line
     assert (run / "config.json").read_text() == config_before and "resumes" not in read_json(run / "metadata.json")
 
     from stride.claim import STALE_AFTER_S
@@ -170,6 +171,35 @@ def test_a_claim_held_on_another_host_refuses_until_its_heartbeat_is_stale(tmp_p
     (takeover,) = read_json(run / "metadata.json")["claim_takeovers"]
     assert takeover["from"]["host"] == "node-elsewhere" and "no heartbeat" in takeover["why"]
     assert not claim.exists()
+
+
+@needs_slurm
+def test_a_fresh_claim_of_a_slurm_job_that_left_the_queue_is_taken_over_at_once(tmp_path, stride, one_epoch):
+    """A job killed before its rank 0 let go (scancel's SIGKILL after KillWait) leaves a claim with a fresh heartbeat;
+    squeue, asked by `stride resume`, says its job is over, so the resume does not wait minutes for it to go stale."""
+    run = copy_run(one_epoch, tmp_path)
+    held = submitted_sleeper(tmp_path)
+    try:
+        fake_claim(run, job_id=held)  # a job the queue still runs: its claim stands
+        line = one_error_line(stride("resume", str(run), "--local", "training_kwargs.epochs=2").stderr)
+        assert f"(job {held}): wait for it, or `stride cancel {run}`" in line
+    finally:
+        subprocess.run(["scancel", held], check=True, timeout=30)
+    wait_gone(held, timeout_s=60)
+    claim = fake_claim(run, job_id=held)  # touched just now: on another host, its heartbeat alone would keep it
+    stride("resume", str(run), "--local", "training_kwargs.epochs=2", env=slow_env(tmp_path), check=True)
+    (takeover,) = read_json(run / "metadata.json")["claim_takeovers"]
+    assert takeover["why"] == f"its SLURM job {held} has left the queue", takeover
+    assert not claim.exists() and read_json(run / "status.json")["state"] == "completed"
+
+
+def submitted_sleeper(folder: Path) -> str:
+    """A real job that just sleeps, so its id is one squeue reports as running."""
+    out = subprocess.run(["sbatch", "--parsable", "--time", "2", f"--output={folder}/sleeper.out", "--wrap",
+                          "sleep 120"], capture_output=True, text=True, check=True, timeout=30).stdout
+    job_id = out.strip().split(";")[0]
+    wait_for(lambda: job_state(job_id) == "RUNNING", f"job {job_id} to run", timeout_s=60)
+    return job_id
 
 
 CLAIM_FROM_ANOTHER_PROCESS = """
