@@ -124,11 +124,12 @@ def test_usr2_before_the_trainer_exists_goes_through_strides_decision(tmp_path, 
     submitit's (which would requeue with nothing recorded)."""
     loading = tmp_path / "loading"
     (tmp_path / "slowdata.py").write_text(
-        "import pathlib, time\n"
+        "import os, pathlib, time\n"
         "from stride.datasets.builtin import digits\n"
         "def slow_digits(marker: str = ''):\n"
-        "    pathlib.Path(marker).touch()\n"
-        "    time.sleep(8)\n"
+        "    if os.environ.get('SLURM_JOB_ID'):  # the job's load, not the pre-run check `stride submit` makes\n"
+        "        pathlib.Path(marker).touch()\n"
+        "        time.sleep(8)\n"
         "    return digits()\n")
     env = {"PYTHONPATH": str(tmp_path)}
     run, job_id = submitted(stride("submit", "work_dir=exp", "--nodes", "1", "--tasks-per-node", "1", "--time", "10",
