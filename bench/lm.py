@@ -70,6 +70,11 @@ class CharWindows(Dataset):
         window = self.windows[index]
         return {"tokens": window[:-1], "targets": window[1:]}
 
+    def __getitems__(self, indices: list[int]) -> dict:
+        """A whole batch in one gather (the opt-in to batched fetching): the samples `__getitem__` gives, stacked."""
+        windows = self.windows.index_select(0, torch.as_tensor(indices, dtype=torch.long))
+        return {"tokens": windows[:, :-1].contiguous(), "targets": windows[:, 1:].contiguous()}
+
 
 def char_text(block_size: int = 64, max_chars: Optional[int] = None, val_fraction: float = 0.05,
               test_fraction: float = 0.05) -> DataSplits:

@@ -24,14 +24,18 @@ class FirstBatchProbe(Dataset):
         return len(self.inner)
 
     def __getitem__(self, index: int) -> Any:
+        self._stamp()  # a loader that fetches sample by sample
         return self.inner[index]
 
     def __getitems__(self, indices: list[int]) -> list:
+        self._stamp()  # a loader that fetches whole batches
+        return self.inner.__getitems__(indices)
+
+    def _stamp(self) -> None:
         if self.path:
             with open(self.path, "w") as handle:
                 handle.write(f"{time.time():.6f}\n")
             self.path = ""
-        return self.inner.__getitems__(indices)
 
 
 def digits(**kwargs: Any) -> DataSplits:

@@ -1,6 +1,9 @@
 """The baseline: a plain, well-written PyTorch training loop, with no stride in it but the data and model builders.
 
-It does what a careful researcher writes by hand, and what stride's Trainer does for the same settings: AdamW with a
+It comes in two forms, which differ only in how batches are fetched: "careful" gathers each batch from in-memory
+tensors with one index operation (or one `__getitems__` call), "usual" uses the per-sample
+`DataLoader(dataset, batch_size, ...)` most loops are written with. Otherwise it does what a careful researcher writes
+by hand, and what stride's Trainer does for the same settings: AdamW with a
 per-step cosine schedule, a seeded shuffle per epoch, autocast behind a switch (the torch AMP recipe), the training
 loss summed on the device and read every `log_every_steps`, validation every epoch, the best weights kept with
 `torch.save`, a final test with them. Seeds are drawn in the same order as stride's, so both sides compute the same
@@ -19,11 +22,11 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from bench.workloads import Workload, get
 from stride.datasets import builtin as datasets
@@ -57,10 +60,14 @@ def build(workload: Workload, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, classification: bool,
-             autocast: Callable[[], Any], kind: str = "supervised") -> dict:
-    # A loader without a generator of its own draws a seed from the global RNG each time it is iterated, which
-    # would shift the dropout stream by how often we evaluate: evaluation gets its own.
-    loader = DataLoader(dataset, batch_size=batch_size, pin_memory=device.type == "cuda", generator=torch.Generator())
+             autocast: Callable[[], Any], kind: str = "supervised", fetch: str = "usual") -> dict:
+    if fetch == "careful":
+        loader = careful_batches(dataset, in_memory(dataset), torch.arange(len(dataset)), batch_size)
+    else:
+        # A loader without a generator of its own draws a seed from the global RNG each time it is iterated, which
+        # would shift the dropout stream by how often we evaluate: evaluation gets its own.
+        loader = DataLoader(OneByOne(dataset), batch_size=batch_size, pin_memory=device.type == "cuda",
+                            generator=torch.Generator())
     if kind == "lm":
         return _evaluate_lm(model, loader, device, autocast)
     model.eval()
@@ -86,7 +93,7 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.
 
 
 @torch.no_grad()
-def _evaluate_lm(model: nn.Module, loader: DataLoader, device: torch.device, autocast: Callable[[], Any]) -> dict:
+def _evaluate_lm(model: nn.Module, loader: Iterable, device: torch.device, autocast: Callable[[], Any]) -> dict:
     """The language model's metrics: bench.lm's per-batch sums, added up on the device, read once."""
     from bench import lm
 
@@ -102,9 +109,51 @@ def _evaluate_lm(model: nn.Module, loader: DataLoader, device: torch.device, aut
     return lm.next_token_metrics(totals)
 
 
+def in_memory(dataset: Dataset) -> Optional[list[torch.Tensor]]:
+    """A split's samples as whole tensors, gathered once before training, for the careful loop: a Subset of a
+    TensorDataset (what random_split gives) becomes its tensors' rows. None for any other dataset."""
+    if isinstance(dataset, Subset) and type(dataset.dataset) is TensorDataset:
+        rows = torch.as_tensor(dataset.indices, dtype=torch.long)
+        return [tensor.index_select(0, rows) for tensor in dataset.dataset.tensors]
+    if type(dataset) is TensorDataset:
+        return list(dataset.tensors)
+    return None
+
+
+class OneByOne(Dataset):
+    """A dataset seen only through `__getitem__`: the usual loop's DataLoader fetches it sample by sample and
+    collates, as it does any dataset that does not return whole batches."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[index]
+
+
+def careful_batches(dataset: Dataset, tensors: Optional[list[torch.Tensor]], order: torch.Tensor,
+                    batch_size: int) -> Iterator[Any]:
+    """The batches of `order`, each fetched with one index operation per tensor (or the dataset's own
+    `__getitems__`, one call per batch): what a careful hand-written loop does instead of a per-sample DataLoader."""
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        if tensors is not None:
+            yield [tensor.index_select(0, rows) for tensor in tensors]
+        else:
+            yield dataset.__getitems__(rows.tolist())
+
+
 def train(workload: Workload, splits, model: nn.Module, device: torch.device, out_dir: Path,
-          precision: str = "fp32", compile: bool = False, log=None) -> dict:
-    """Train `model` for the workload's epochs; returns final metrics and the number of optimizer steps."""
+          precision: str = "fp32", compile: bool = False, log=None, fetch: str = "careful",
+          batches: Callable[[Iterable], Iterable] = iter) -> dict:
+    """Train `model` for the workload's epochs; returns final metrics and the number of optimizer steps.
+
+    `fetch`: "careful" gathers each batch in one call (`careful_batches`); "usual" is the per-sample
+    `DataLoader(dataset, batch_size, shuffle)` most loops are written with. Both see the same batches in the same
+    order. `batches` wraps each epoch's batch iterable (the bench's step timer)."""
     lm_batches = workload.kind == "lm"  # {"tokens", "targets"} batches and bench.lm's next-token loss
     if lm_batches:
         from bench import lm  # not at the top: `python -m bench.raw` (the startup baseline) imports no more of stride
@@ -127,18 +176,26 @@ def train(workload: Workload, splits, model: nn.Module, device: torch.device, ou
     torch.manual_seed(workload.seed)  # dropout stream
     best_metric, best_value = ("accuracy", -math.inf) if classification else ("loss", -math.inf)
     evaluation = dict(batch_size=workload.eval_batch, device=device, classification=classification, autocast=autocast,
-                      kind=workload.kind)
+                      kind=workload.kind, fetch=fetch)
     best_path = out_dir / "best.pt"
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     step = 0
     model.train()
+    if fetch not in ("careful", "usual"):
+        raise ValueError(f"fetch must be 'careful' or 'usual', not {fetch!r}")
+    tensors = in_memory(splits.train) if fetch == "careful" else None
+    if fetch == "careful" and tensors is None and not callable(getattr(splits.train, "__getitems__", None)):
+        raise SystemExit("bench.raw: the careful loop needs a TensorDataset (or a Subset of one) or __getitems__")
     for epoch in range(workload.epochs):
         # A fresh permutation per epoch from (seed + epoch): reproducible, and independent of how far we got.
         order = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(workload.seed + epoch))
-        loader = DataLoader(splits.train, batch_size=workload.batch_size, sampler=order.tolist(),
-                            generator=loader_rng, pin_memory=on_cuda)
-        for batch in loader:
+        if fetch == "careful":
+            loader = careful_batches(splits.train, tensors, order, workload.batch_size)
+        else:
+            loader = DataLoader(OneByOne(splits.train), batch_size=workload.batch_size, sampler=order.tolist(),
+                                generator=loader_rng, pin_memory=on_cuda)
+        for batch in batches(loader):
             if lm_batches:
                 tokens = batch["tokens"].to(device, non_blocking=True)
                 targets = batch["targets"].to(device, non_blocking=True)
@@ -188,6 +245,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--fetch", default="careful", choices=("careful", "usual"))
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--dataset", default=None, help="another dataset builder, e.g. bench.probe:digits")
     args = parser.parse_args(argv)
@@ -200,7 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = train(workload, splits, model, device, out_dir, args.precision, args.compile,
-                    log=lambda line: print(line, file=sys.stderr))
+                    log=lambda line: print(line, file=sys.stderr), fetch=args.fetch)
     results["train_time_s"] = round(time.perf_counter() - start, 3)
     print(json.dumps(results))
     return 0

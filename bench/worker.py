@@ -1,8 +1,8 @@
 """One measurement in a fresh process: train one workload with one side (stride's Trainer or the raw loop) and print
 what was measured as one JSON line. `bench/run.py` starts these, alternating the sides.
 
-Both sides are timed the same way: the training split is wrapped so that every batch fetch records a timestamp (one
-Python call per batch, on both sides), which gives the time of every step without touching either loop.
+Every side is timed the same way: its training batches pass through `StepStamps`, which records when each one
+reaches the loop (one generator step per batch, on every side): the time of every step, whatever fetches the batches.
 """
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
-from torch.utils.data import Dataset
 
 from bench import workloads
+
+SIDES = ("stride", "careful", "usual")
 
 
 def machine_busy_s() -> float:
@@ -37,31 +38,27 @@ def foreign_load(busy_s: float, own_cpu_s: float, wall_s: float) -> float:
     return max(0.0, busy_s - own_cpu_s) / (wall_s * (os.cpu_count() or 1))
 
 
-class StampedDataset(Dataset):
-    """The training split, unchanged, plus a timestamp at each batch fetch (the start of each training step)."""
+class StepStamps:
+    """A timestamp as each training batch reaches the loop (the start of each training step). Both sides' batch
+    iterables go through `__call__`, one generator step per batch, so it adds the same tiny cost to each and changes
+    nothing about how either fetches its batches."""
 
-    def __init__(self, inner: Dataset):
-        self.inner = inner
+    def __init__(self) -> None:
         self.stamps: list[float] = []
         self.cpu_stamps: list[float] = []
         self.busy_at_start = float("nan")
 
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.inner[index]
-
-    def __getitems__(self, indices: list[int]) -> list:
-        if not self.stamps:
-            self.busy_at_start = machine_busy_s()
-        self.stamps.append(time.perf_counter())
-        self.cpu_stamps.append(time.process_time())
-        getitems = getattr(self.inner, "__getitems__", None)
-        return getitems(indices) if callable(getitems) else [self.inner[i] for i in indices]
+    def __call__(self, batches: Iterable) -> Iterator:
+        stamps, cpu_stamps = self.stamps, self.cpu_stamps
+        for batch in batches:
+            if not stamps:
+                self.busy_at_start = machine_busy_s()
+            stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
+            yield batch
 
 
-def _step_stats(data: StampedDataset, batch_size: int) -> dict:
+def _step_stats(data: StepStamps, batch_size: int) -> dict:
     """Steady-state throughput: steps from the first batch fetch to the last one (per-epoch validation and, for
     stride, its epoch-end checkpoint and status writes fall inside this window; setup and the final test do not).
     CPU time over the same window (all threads of the process) counts the work done, whatever else the machine ran.
@@ -85,17 +82,23 @@ def _checkpoint_stalls(stamps: list[float], steps: list[int], writes: list[tuple
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     near = {i for n in steps for i in range(n - 1, n + 4)}
     baseline = statistics.median([g for i, g in enumerate(gaps) if i not in near and i >= 2])
-    stalls, slowdowns = [], []
+    stalls, slowdowns, overlapped = [], [], []
+    saved = set(steps)
     for k, n in enumerate(steps):
         if n - 1 >= len(gaps):  # the last step of the run: no next fetch to time it by
             continue
         stalls.append(gaps[n - 1] - baseline)
         if writes:
             end = writes[k][1]
-            after = [gaps[i] - baseline for i in range(n, len(gaps)) if stamps[i] < end]
+            # The next checkpoint's own stall is counted as a stall, not as this write's slowdown.
+            after = [gaps[i] - baseline for i in range(n, len(gaps)) if stamps[i] < end and i + 1 not in saved]
             slowdowns.append(sum(after))
+            overlapped.append(len(after))
+    # How much slower the steps that overlapped a write ran than normal steps, as a share of their normal time.
+    slower = [s / (count * baseline) for s, count in zip(slowdowns, overlapped) if count]
     return {"baseline_step_ms": baseline * 1e3, "stall_ms": [s * 1e3 for s in stalls],
-            "slowdown_during_write_ms": [s * 1e3 for s in slowdowns]}
+            "slowdown_during_write_ms": [s * 1e3 for s in slowdowns], "steps_during_write": overlapped,
+            "overlap_slowdown": slower}
 
 
 def _fsync_path(path: Path) -> None:
@@ -169,8 +172,10 @@ def run_stride(workload: workloads.Workload, device: str, precision: str, compil
 
     # The loop builds its Checkpointer by the name it imported into stride.training.loop: patch it there.
     stride.training.loop.Checkpointer = RecordedCheckpointer
+    stamped = StepStamps()
+    on_device = stride.training.loop.device_batches  # the loop's one source of training batches, stamped
+    stride.training.loop.device_batches = lambda loader, device: stamped(on_device(loader, device))
     trainer = Trainer(**workload.stride_kwargs(str(work_dir), device, precision, compile))
-    stamped = trainer.data.train = StampedDataset(trainer.data.train)
     start = time.perf_counter()
     results = trainer.fit()
     fit_s = time.perf_counter() - start
@@ -191,16 +196,17 @@ def run_stride(workload: workloads.Workload, device: str, precision: str, compil
     return out
 
 
-def run_raw(workload: workloads.Workload, device_name: str, precision: str, compile: bool, work_dir: Path) -> dict:
+def run_raw(workload: workloads.Workload, device_name: str, precision: str, compile: bool, work_dir: Path,
+            fetch: str = "careful") -> dict:
     from bench import raw
 
     device = torch.device(device_name)
     splits, model = raw.build(workload, device)
-    stamped = splits.train = StampedDataset(splits.train)
+    stamped = StepStamps()
     work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = raw.train(workload, splits, model, device, work_dir, precision, compile,
-                        log=lambda line: print(line, file=sys.stderr))
+                        log=lambda line: print(line, file=sys.stderr), fetch=fetch, batches=stamped)
     fit_s = time.perf_counter() - start
     out = {"fit_s": fit_s, **_step_stats(stamped, workload.batch_size),
            "final": {k: results[k] for k in results if k.startswith(("test_", "val_"))}}
@@ -213,18 +219,24 @@ def run_raw(workload: workloads.Workload, device_name: str, precision: str, comp
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.worker")
-    parser.add_argument("side", choices=("stride", "raw"))
+    parser.add_argument("side", choices=SIDES, help="stride, or the plain loop with careful (batched) or usual "
+                                                    "(per-sample DataLoader) fetching")
     parser.add_argument("workload")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--checkpoint-every", type=int, default=None, help="the ckpt workload's steps per checkpoint")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--work-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     workload = workloads.get(args.workload, args.quick)
+    if args.checkpoint_every and workload.checkpoint_every_steps:
+        workload = workloads.with_checkpoint_every(workload, args.checkpoint_every)
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="stride-bench-"))
-    run = run_stride if args.side == "stride" else run_raw
-    out = run(workload, args.device, args.precision, args.compile, work_dir / args.side)
+    if args.side == "stride":
+        out = run_stride(workload, args.device, args.precision, args.compile, work_dir / args.side)
+    else:
+        out = run_raw(workload, args.device, args.precision, args.compile, work_dir / args.side, fetch=args.side)
     if args.device.startswith("cuda"):
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -17,7 +17,8 @@ EXIT_USER_ERROR = 2
 
 
 # Switches: Fire would otherwise take the next word as their value (`--local epochs=3` -> local="epochs=3").
-BOOLEAN_FLAGS = {"--local", "--dry-run", "--dry_run", "--exclusive", "--follow"}
+BOOLEAN_FLAGS = {"--local", "--dry-run", "--dry_run", "--exclusive", "--follow", "--skip-slurm-checks",
+                 "--skip_slurm_checks"}
 
 
 # Flags given once per value, every value kept in order (Fire alone keeps only the last of a repeated flag).
@@ -259,7 +260,8 @@ class StrideCLI:
                time: Any = None, partition: Optional[str] = None, account: Optional[str] = None,
                qos: Optional[str] = None, constraint: Optional[str] = None, exclusive: bool = False,
                sbatch: Any = None, setup: Any = None, profile: Optional[str] = None, dry_run: bool = False,
-               container: Optional[str] = None, max_parallel: Optional[int] = None) -> str:
+               skip_slurm_checks: bool = False, container: Optional[str] = None,
+               max_parallel: Optional[int] = None) -> str:
         """Submit a new run to SLURM through submitit and return at once with the run folder and job id.
 
         A sweep (`training_kwargs.lr=1e-3,3e-4 'training_kwargs.seed=range(0,3)'`, quoted for the shell) is
@@ -281,7 +283,9 @@ class StrideCLI:
           sbatch: any other sbatch option as KEY=VALUE (repeatable), e.g. --sbatch mail-type=END.
           setup: a shell line run before the ranks start (repeatable), e.g. --setup 'module load cuda'.
           profile: a cluster profile: NAME.yaml in slurm/profiles or ~/.config/stride/profiles.
-          dry_run: print the sbatch script and the resolved config; submit and write nothing.
+          dry_run: print the sbatch script and the resolved config and run every check a submission makes (the
+            plug-ins, the image, sbatch --test-only, the array size); submit and write nothing; exit 2 if one fails.
+          skip_slurm_checks: with --dry-run on a machine without Slurm: check everything but what Slurm would say.
           container: run every rank inside this image (a .sif file, an image folder or an image name).
           max_parallel: for a sweep: at most this many of its runs at once (the job array's %N throttle).
         """
@@ -291,20 +295,16 @@ class StrideCLI:
                              constraint, exclusive, sbatch, setup)
         sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)})
         if sweep.axes:
-            return _submit_sweep(sweep, configs, dry_run, max_parallel)
+            return _submit_sweep(sweep, configs, dry_run, max_parallel, skip_slurm_checks)
         config = configs[0]
         work_dir = config_lib.require_work_dir(config)
-        warning = slurm.visibility_warning(work_dir)
+        warning = None if config["slurm"]["work_dir_shared"] else slurm.visibility_warning(work_dir)
         if dry_run:
             from stride.rundir import next_integer_name
 
-            params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{work_dir.name}")
             run_name = config.get("run") or str(next_integer_name(work_dir))
-            preview = dict(config, run=run_name)
-            text = slurm.make_sbatch_text(params, work_dir / run_name / "slurm", _container_command(config))
-            note = f"# warning: {warning}\n" if warning else ""
-            return (f"{note}# sbatch script (dry run: nothing written, nothing submitted)\n{text.rstrip()}\n\n"
-                    f"# resolved config for run {work_dir / run_name}\n{config_lib.to_yaml(preview).rstrip()}")
+            return _dry_run(configs, work_dir / run_name, dict(config, run=run_name), skip_slurm_checks,
+                            note=f"# warning: {warning}\n" if warning else "")
         from stride import start
 
         prepared = start.prepare([config], slurm=True)
@@ -319,7 +319,8 @@ class StrideCLI:
                tasks_per_node: Optional[int] = None, cpus_per_task: Optional[int] = None, mem: Any = None,
                time: Any = None, partition: Optional[str] = None, account: Optional[str] = None,
                qos: Optional[str] = None, constraint: Optional[str] = None, exclusive: bool = False,
-               sbatch: Any = None, setup: Any = None) -> str:
+               sbatch: Any = None, setup: Any = None, profile: Optional[str] = None, dry_run: bool = False,
+               skip_slurm_checks: bool = False, container: Optional[str] = None) -> str:
         """Continue a stopped, failed or cancelled run from its latest checkpoint, with its own config.
 
         On SLURM by default, with the resources the run used unless flags say otherwise; --local trains here with
@@ -345,6 +346,12 @@ class StrideCLI:
           exclusive: whole nodes only.
           sbatch: any other sbatch option as KEY=VALUE (repeatable).
           setup: a shell line run before the ranks start (repeatable).
+          profile: a cluster profile whose slurm and container settings replace the run's (NAME.yaml in
+            slurm/profiles or ~/.config/stride/profiles).
+          dry_run: print the sbatch script and the amended config and run every check the resume makes; write
+            and submit nothing; exit 2 if one fails.
+          skip_slurm_checks: with --dry-run on a machine without Slurm: check everything but what Slurm would say.
+          container: run every rank inside this image (a .sif file, an image folder or an image name).
         """
         from stride import resume as resume_lib
         from stride import status as status_lib
@@ -357,9 +364,28 @@ class StrideCLI:
                               "its own config")
         flags = {} if local else _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition,
                                               account, qos, constraint, exclusive, sbatch, setup)
+        flags = _by_section(_profile_sections(profile), _container_flag(container), flags)
         original = run_dir.read_config()
+        launched_from = run_dir.read_metadata().get("cwd")
+        if launched_from:  # its plug-ins import from where it was started, wherever the resume is typed
+            from stride.registry import import_from
+
+            import_from(launched_from)
         config, changes = resume_lib.amend_config(run_dir, overrides, flags)
         live_state = status_lib.describe_runs([run_dir])[0]["state"]
+        if dry_run:
+            from stride import dryrun
+
+            dry = dryrun.DryRun()
+            said: list = []
+            dry.check(f"run {run_dir.path} can be resumed",
+                      lambda: said.append(resume_lib.check_resumable(run_dir, live_state, config, original,
+                                                                     claim=False)))
+            if said and said[0]:
+                return said[0]
+            note = f"# amended: {', '.join(sorted(changes))}\n" if changes else ""
+            return _dry_run([config], run_dir.path, config, skip_slurm_checks, note=note, checks=dry,
+                            on_slurm=not local, gpus=gpus or 0)
         nothing_to_do = resume_lib.check_resumable(run_dir, live_state, config, original)
         if nothing_to_do:
             return nothing_to_do
@@ -458,13 +484,19 @@ class StrideCLI:
         return f"cancelled job {job_id} ({run_dir.path})"
 
     def config(self, *args: Any, profile: Optional[str] = None) -> str:
-        """Print the resolved config as YAML without running anything.
+        """Print the resolved config as YAML without running anything, once it passes the checks local and submit
+        make of the config (every key, type and plug-in with its keyword arguments).
 
         Args:
           args: key.sub=value overrides and YAML config files.
           profile: a cluster profile to layer under them, as `stride submit --profile` would.
         """
-        return config_lib.to_yaml(_resolve(args, profile=profile)).rstrip()
+        config = _resolve(args, profile=profile)
+        if not config["container"]["image"]:  # an image's plug-ins are checked inside it, by local and submit
+            from stride.training.trainer import check_plugins
+
+            check_plugins(config)  # what local/submit refuse, this refuses too: plug-ins and their kwargs
+        return config_lib.to_yaml(config).rstrip()
 
     def diff(self, run_a: str, run_b: str, work_dir: Optional[str] = None) -> str:
         """Show the config settings that differ between two runs, one `key: A -> B` line each.
@@ -590,7 +622,8 @@ def _local_sweep(sweep: Any, configs: list[dict], world: int, gpus: int) -> str:
     return table
 
 
-def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: Optional[int]) -> str:
+def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: Optional[int],
+                  skip_slurm_checks: bool = False) -> str:
     """The whole sweep as one job array, refused when it cannot be one (per-point resources, MaxArraySize)."""
     from stride import slurm
 
@@ -605,18 +638,22 @@ def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: 
     params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{work_dir.name}")
     python = _container_command(config)
     if dry_run:
+        from stride import dryrun
+
+        dry = dryrun.DryRun()
+        python = dryrun.launch_checks(dry, configs, config["slurm"]["gpus_per_node"], for_submit=True) or python
         preview = dict(params, array_parallelism=max_parallel or sweep.size)
         text = slurm.make_sbatch_text(preview, work_dir / "sweeps" / "<id>" / "slurm", python, array=sweep.size)
-        return (f"# sweep of {sweep.size} runs as one job array (dry run: nothing written, nothing submitted)\n"
-                f"{_describe_points(sweep, configs)}\n\n# sbatch script\n{text.rstrip()}")
-    limit = slurm.max_array_size()
-    if limit is not None and sweep.size > limit:
-        raise StrideError(f"this sweep has {sweep.size} points but the cluster's MaxArraySize is {limit}: split it "
-                          f"into several submissions (fewer values per key)")
-    from stride import start
+        if not skip_slurm_checks:
+            dryrun.slurm_checks(dry, text, array_size=sweep.size)
+        shown = (f"# sweep of {sweep.size} runs as one job array (dry run: nothing written, nothing submitted)\n"
+                 f"{_describe_points(sweep, configs)}\n\n# sbatch script\n{text.rstrip()}\n\n{dry.report()}")
+        return dry.finish(shown)
+    from stride import dryrun, start
 
+    dryrun.check_array_size(sweep.size)
     prepared = start.prepare(configs, slurm=True)
-    warning = slurm.visibility_warning(work_dir)
+    warning = None if config["slurm"]["work_dir_shared"] else slurm.visibility_warning(work_dir)
     if warning:
         print(f"stride: warning: {warning}", file=sys.stderr)
     runs = start.create_runs(configs, prepared, sweep)
@@ -625,6 +662,29 @@ def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: 
     lines += [f"run folder: {run.path}  {' '.join(f'{k}={start.leaf(c, k)}' for k in sweep.keys)}"
               for run, c in zip(runs, configs)]
     return "\n".join(lines)
+
+
+def _dry_run(configs: list[dict], run_path: Path, preview: dict, skip_slurm_checks: bool, note: str = "",
+             checks: Any = None, on_slurm: bool = True, gpus: int = 0) -> str:
+    """The sbatch script, the config and every check's outcome; exit non-zero when one would fail."""
+    from stride import dryrun, slurm
+
+    dry = checks or dryrun.DryRun()
+    config = configs[0]
+    python = dryrun.launch_checks(dry, configs, config["slurm"]["gpus_per_node"] if on_slurm else gpus,
+                                  for_submit=on_slurm) or _container_command(config)
+    script = ""
+    if on_slurm:
+        params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{Path(config['work_dir']).name}")
+        text = slurm.make_sbatch_text(params, run_path / "slurm", python)
+        if not skip_slurm_checks:
+            dryrun.slurm_checks(dry, text)
+        script = f"# sbatch script (dry run: nothing written, nothing submitted)\n{text.rstrip()}\n\n"
+    else:
+        script = "# dry run: nothing written, nothing started\n"
+    text = (f"{note}{script}# resolved config for run {run_path}\n{config_lib.to_yaml(preview).rstrip()}\n\n"
+            f"{dry.report()}")
+    return dry.finish(text)
 
 
 def _refuse_inside_srun() -> None:
@@ -636,6 +696,23 @@ def _refuse_inside_srun() -> None:
         raise StrideError(f"stride local is running as one of {tasks} tasks of an srun job step: each task would "
                           f"train its own unrelated copy; submit with `stride submit` (it starts and connects the "
                           f"ranks itself), or run `stride local --nproc N` once per node")
+
+
+def _by_section(*layers: dict) -> dict:
+    """Layers of {section: {key: value}}, later ones winning key by key."""
+    merged: dict = {}
+    for layer in layers:
+        for section, values in layer.items():
+            merged.setdefault(section, {}).update(values)
+    return merged
+
+
+def _profile_sections(profile: Optional[str]) -> dict:
+    """A cluster profile's slurm and container sections, for a resumed run (its other keys are the run's own)."""
+    if profile is None:
+        return {}
+    layer = config_lib.load_yaml_file(config_lib.find_profile(profile)) or {}
+    return {key: layer[key] for key in ("slurm", "container") if isinstance(layer.get(key), dict)}
 
 
 def _container_flag(image: Any) -> dict:
@@ -652,6 +729,21 @@ def _container_command(config: dict) -> Optional[str]:
     return container_check.describe(config, config["slurm"]["gpus_per_node"]).shell
 
 
+def _print_help(raw: list[str]) -> bool:
+    """Help for `stride [COMMAND] --help`, in the README's flag spelling; refuses short options but -h."""
+    from stride import cli_help
+
+    named = _default_command([word for word in raw if not word.startswith("-")][:1] or [""])[0]
+    command = getattr(StrideCLI, named, None) if named and not named.startswith("_") else None
+    if not cli_help.wants_help(raw):
+        cli_help.refuse_short_options(raw, command, named)
+        return False
+    if command is None and named and not cli_help.wants_help(raw[:1]):
+        check_words([named])  # an unknown command: the usual one-line refusal
+    print(cli_help.command_help(named, command) if command else cli_help.top_help(StrideCLI()))
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import signal
 
@@ -661,7 +753,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # created would say pending forever); a launcher replaces this with its own graceful stop.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        words = _default_command(normalise_argv(sys.argv[1:] if argv is None else argv))
+        from stride.registry import import_from
+
+        try:
+            import_from(os.getcwd())  # plug-ins by import path from the project folder, as under `python -m stride`
+        except OSError:
+            pass  # the folder was deleted under the shell: nothing there to import from
+        raw = list(sys.argv[1:] if argv is None else argv)
+        if _print_help(raw):
+            return
+        words = _default_command(normalise_argv(raw))
         check_words(words)
         # An instance, not the class: Fire's completion script would otherwise offer a `--self` flag everywhere.
         fire.Fire(StrideCLI(), command=words, name="stride")

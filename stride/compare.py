@@ -78,19 +78,47 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
     return {key: name if last.count(name) == 1 else key for key, name in zip(keys, last)}
 
 
-def run_labels(configs: Sequence[Mapping], names: Sequence[str]) -> list[str]:
-    """One label per run from the settings that differ between them (`lr=0.001 seed=1`).
+# Where and how a run was placed, logged and checkpointed, not what it trained: a curve is labelled by these only
+# when nothing else differs (two runs on 1 and 4 nodes).
+PLACEMENT_PREFIXES = (
+    "slurm.", "distributed_kwargs.", "container.", "device", "provenance.", "load_data_kwargs.num_workers",
+    "load_data_kwargs.pin_memory", "load_data_kwargs.persistent_workers", "load_data_kwargs.eval_batch_size",
+    "training_kwargs.log_every_steps", "training_kwargs.checkpoint_every_steps",
+    "training_kwargs.checkpoint_every_minutes", "training_kwargs.keep_last_checkpoints",
+    "training_kwargs.stop_check_seconds", "training_kwargs.async_checkpoint",
+)
+LABEL_CHARS = 40
+
+
+def run_labels(configs: Sequence[Mapping], names: Sequence[str], first: Sequence[str] = (),
+               max_chars: int = LABEL_CHARS) -> list[str]:
+    """One short label per run from the settings that differ between them (`lr=0.001 seed=1`): training settings
+    only, unless placement is all that differs; the keys in `first` (a sweep's) lead; at most `max_chars`.
 
     A run whose label would be empty or shared with another (identical settings) is named by its run name too.
     """
-    keys = differing_keys(configs)
+    differing = differing_keys(configs)
+    keys = [key for key in differing if not key.startswith(PLACEMENT_PREFIXES)] or differing
+    keys = [key for key in first if key in keys] + [key for key in keys if key not in first]
     short = short_names(keys)
     labels = []
     for config in configs:
         flat = settings(config)
-        labels.append(" ".join(f"{short[key]}={format_value(flat[key]) if key in flat else ABSENT}" for key in keys))
+        parts = [f"{short[key]}={format_value(flat[key]) if key in flat else ABSENT}" for key in keys]
+        labels.append(_shortened(parts, max_chars))
     return [label if label and labels.count(label) == 1 else f"run {name}" + (f": {label}" if label else "")
             for label, name in zip(labels, names)]
+
+
+def _shortened(parts: Sequence[str], max_chars: int) -> str:
+    """As many whole `key=value` parts as fit in max_chars, then `…` (a long value is cut itself)."""
+    out = ""
+    for part in parts:
+        joined = f"{out} {part}" if out else part
+        if len(joined) > max_chars:
+            return (out + " …") if out else part[:max_chars - 1] + "…"
+        out = joined
+    return out
 
 
 def format_diff(changes: Sequence[Change], name_a: str, name_b: str) -> str:

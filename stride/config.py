@@ -137,6 +137,9 @@ class SlurmKwargs:
     """How often a crashed job is retried; never twice in a row for the same error."""
     signal_delay_s: int = 90
     """Seconds before the time limit at which SLURM sends USR2 so the run can checkpoint."""
+    work_dir_shared: bool = False
+    """The compute nodes see work_dir even where it looks node-local (/tmp of a one-machine test cluster, as the
+    `local` profile says): no warning about it."""
 
 
 @dataclass

@@ -265,6 +265,9 @@ def _charliecloud(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
     argv += ["-c", binds[0].dst, "--env-no-expand"]  # start in work_dir; values stay literal ($PATH unexpanded)
     for name, value in _with_host_python_cleared(spec.env):
         argv.append(f"--set-env={name}={value}")
+    # ch-run shares the host's whole /tmp unless told otherwise; a private one exposes only the binds.
+    if not {"-t", "--private-tmp"} & set(spec.runtime_args):
+        argv.append("--private-tmp")
     # GPUs: ch-run shares the host's /dev; the driver's libraries enter the image once with `ch-fromhost --nvidia`.
     return [*argv, *spec.runtime_args, spec.image, "--", spec.python]
 

@@ -162,8 +162,12 @@ def _run(argv: list[str], timeout_s: float, env: Optional[dict] = None) -> subpr
 
 
 def _last_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
-    return lines[-1] if lines else f"exit code {result.returncode}"
+    """What the tool said: its last error line (before stdout, where `docker image inspect` prints a bare `[]`)."""
+    for text in (result.stderr, result.stdout):
+        lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() not in ("[]", "{}")]
+        if lines:
+            return lines[-1]
+    return f"exit code {result.returncode}"
 
 
 def _inspect_oci_image(spec: container.ContainerSpec) -> dict:
@@ -190,17 +194,15 @@ def check_image_path(image: Path) -> None:
 
 
 def charliecloud_mount(image: Path, work_dir: Path) -> str:
-    """The folder to bind so that work_dir appears at its own path: ch-run cannot create mount points in a read-only
-    image, so this is the deepest folder on work_dir's path that the image already has (work_dir itself, or e.g.
-    /scratch)."""
-    for candidate in [work_dir, *work_dir.parents]:
-        if str(candidate) == "/":
-            break
-        if (image / str(candidate).lstrip("/")).is_dir() and not (image / str(candidate).lstrip("/")).is_symlink():
-            return str(candidate)
-    raise ContainerError(f"Charliecloud cannot show work_dir {work_dir} inside image {image}: the read-only image has "
-                         f"no folder on that path to mount over; create one (mkdir {image}/{work_dir.parts[1]}) when "
-                         f"building the image, or put work_dir under /tmp, /home or a folder the image has")
+    """work_dir, bound at its own path and nothing wider. ch-run gets a private /tmp (always), in which it creates
+    the mount point of a work_dir under /tmp; anywhere else the read-only image must already have that folder, and
+    stride says what to add to the image rather than bind a parent (all of /home or /scratch)."""
+    inside = image / str(work_dir).lstrip("/")
+    if work_dir.is_relative_to("/tmp") or (inside.is_dir() and not inside.is_symlink()):
+        return str(work_dir)
+    raise ContainerError(f"Charliecloud cannot mount work_dir {work_dir} in image {image}: the read-only image has no "
+                         f"folder at that path to mount over; add it when building the image (mkdir -p "
+                         f"{image}{work_dir}), or put work_dir under /tmp")
 
 
 # ------------------------------------------------------------------------------------------------------ digest

@@ -14,7 +14,7 @@ from typing import Optional, TextIO
 import stride
 
 LOGGER_NAME = "stride"
-FORMAT = "%(asctime)s %(hostname)s rank %(rank)d/%(local_rank)d %(levelname)s %(message)s"
+FORMAT = "%(asctime)s %(hostname)s rank %(rank)d local %(local_rank)d %(levelname)s %(message)s"
 
 
 class _ContextFilter(logging.Filter):

@@ -106,7 +106,8 @@ def build_panels(runs: Sequence[RunDir], metrics: Optional[Sequence[str]] = None
         if name not in available:
             raise StrideError(f"no run has the metric '{name}'{did_you_mean(name, available)}; metrics found: "
                               f"{', '.join(sorted(available))}")
-    labels = compare.run_labels(configs, [run.name for run in runs])
+    swept = [key for run in runs for key in _swept_keys(run)]
+    labels = compare.run_labels(configs, [run.name for run in runs], first=list(dict.fromkeys(swept)))
     panels: dict[str, list[Series]] = {}
     for name in metrics:
         panels[name] = []
@@ -115,6 +116,16 @@ def build_panels(runs: Sequence[RunDir], metrics: Optional[Sequence[str]] = None
             if steps:
                 panels[name].append(Series(run.name, label, steps, values))
     return panels
+
+
+def _swept_keys(run: RunDir) -> list[str]:
+    """The keys of the sweep the run belongs to (they lead its label); none when its metadata cannot say."""
+    try:
+        sweep = run.read_metadata().get("sweep")
+    except StrideError:  # a hand-edited metadata.json costs the label its order, not the plot
+        return []
+    keys = sweep.get("keys") if isinstance(sweep, dict) else None
+    return [str(key) for key in keys] if isinstance(keys, list) else []
 
 
 def _readable(runs: Sequence[RunDir]) -> tuple[list[RunDir], list[dict], dict[str, list[dict]]]:
@@ -149,7 +160,15 @@ def render(panels: dict[str, list[Series]], out: Path, title: str = "") -> Path:
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise StrideError(f"stride plot needs matplotlib, which is not installed here: {INSTALL_HINT}") from None
-    out = Path(out)
+    import warnings
+
+    with warnings.catch_warnings():  # matplotlib's layout and font notes are not the user's business
+        warnings.simplefilter("ignore")
+        return _render(panels, Path(out), title, FigureCanvasAgg, Figure, MaxNLocator)
+
+
+def _render(panels: dict[str, list[Series]], out: Path, title: str, FigureCanvasAgg: Any, Figure: Any,
+            MaxNLocator: Any) -> Path:
     if out.is_dir():
         raise StrideError(f"--out {out} is a folder: give the file to write, e.g. --out {out / 'curves.png'}")
     fmt = out.suffix.lstrip(".").lower() or "png"
@@ -170,8 +189,9 @@ def render(panels: dict[str, list[Series]], out: Path, title: str = "") -> Path:
         axes.set_xlabel("step")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(True, alpha=0.3)
-        if panel:
-            axes.legend(fontsize="small")
+        if panel:  # below the curves, never over them; the constrained layout makes room for it
+            axes.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1 if len(panel) < 4
+                        else 2, frameon=False)
     if title:
         figure.suptitle(title)
     try:

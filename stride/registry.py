@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import typing
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from stride.config import check_value
@@ -58,6 +60,14 @@ def register_sink(name: str | None = None) -> Callable[[Callable], Callable]:
     return _register("sink", name)
 
 
+def import_from(folder: str | Path) -> None:
+    """Put the launch folder first on sys.path, as `python -m` does, so `my_pkg.models:Net` beside the config
+    imports from the console script and on every rank; a folder this machine (or container) lacks is left out."""
+    folder = str(Path(folder).resolve())
+    if Path(folder).is_dir() and folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
 def is_registered(kind: str, name: str) -> bool:
     if name not in _REGISTRIES[kind]:
         importlib.import_module(_BUILTINS[kind])
@@ -74,7 +84,7 @@ def _import_path(kind: str, path: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{kind} '{path}' cannot be imported: {exc}; check the module path and that its "
-                          f"package is installed or on PYTHONPATH") from None
+                          f"package is installed, under the folder stride was started from, or on PYTHONPATH") from None
     except Exception as exc:  # the user's module itself is broken: say where, in one line
         raise ConfigError(f"{kind} '{path}': importing module '{module_name}' raised {_one_line(exc)}") from None
     obj = module

@@ -7,6 +7,7 @@ before any launcher imports torch.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 from typing import Any, Mapping, Optional, Sequence
@@ -59,7 +60,29 @@ def amend_config(run: RunDir, overrides: Sequence[str], flags: Optional[Mapping]
     return amended, changes
 
 
-def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Mapping) -> Optional[str]:
+def epochs_trained(status: Mapping, epochs: int) -> Optional[float]:
+    """How many epochs the run has trained (a fraction mid-epoch), from its steps; None before any step."""
+    step, total = status.get("step"), status.get("total_steps")
+    if not isinstance(step, int) or not isinstance(total, int) or total <= 0 or epochs <= 0:
+        return None
+    return round(step / (total / epochs), 2)
+
+
+def suggest_resume(run: RunDir, epochs: int, argv: Optional[Sequence[str]] = None) -> str:
+    """The user's own `stride resume` command line (flags kept) with training_kwargs.epochs set to `epochs`."""
+    import shlex
+    import sys
+
+    words = list(sys.argv[1:] if argv is None else argv)
+    if not words or words[0] != "resume":
+        words = ["resume", str(run.path)]
+    words = [w for w in words if not w.startswith(("training_kwargs.epochs=", "--dry-run", "--dry_run"))
+             and w not in ("--config",)]
+    return shlex.join(["stride", *words, f"training_kwargs.epochs={epochs}"])
+
+
+def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Mapping,
+                    claim: bool = True) -> Optional[str]:
     """Raise when the run cannot be resumed; return a message when there is nothing to do (a completed run).
 
     After asking the queue, this process claims the run (stride.claim), before anything is written: a second `stride
@@ -71,16 +94,22 @@ def check_resumable(run: RunDir, live_state: str, config: Mapping, original: Map
     if live_state in LIVE_STATES and status.get("launcher") == "slurm":
         raise RunError(f"run {run.path} still has SLURM job {status.get('job_id')} ({live_state}): wait for it, or "
                        f"`stride cancel {run.path}` first")
-    claim_lib.acquire(run, launcher="resume", purpose=claim_lib.RESUME, ended_jobs=_ended_holder_job(run))
+    if claim:  # a dry run checks the same things but holds nothing
+        claim_lib.acquire(run, launcher="resume", purpose=claim_lib.RESUME, ended_jobs=_ended_holder_job(run))
     status = run.read_status()  # as it is now that no other process can start an attempt
     run.read_metadata()  # unreadable, or hand-edited into a list: stop here, before the resume writes anything
     if (live_state == "running" and status.get("host") == socket.gethostname()
             and claim_lib.process_alive(status.get("pid"))):  # a run started by a stride without claims
         raise RunError(f"run {run.path} is running right now (pid {status.get('pid')} on this machine): stop it first")
     epochs, was = config["training_kwargs"]["epochs"], original["training_kwargs"]["epochs"]
+    trained = epochs_trained(status, was)
+    if trained is not None and epochs < trained:
+        raise RunError(f"run {run.path} has already trained {trained:g} epochs, so training_kwargs.epochs={epochs} "
+                       f"would end before where it is: give at least {math.ceil(trained)}, e.g. "
+                       f"{suggest_resume(run, math.ceil(trained) if status.get('state') != 'completed' else was * 2)}")
     if status.get("state") == "completed" and epochs <= was:
-        return (f"run {run.path} is already completed ({was} epochs): nothing to do. To train longer: "
-                f"stride resume {run.path} training_kwargs.epochs={was * 2}")
+        return (f"run {run.path} is already completed ({trained if trained is not None else was:g} epochs): nothing "
+                f"to do. To train longer: {suggest_resume(run, was * 2)}")
     checkpoint, problems = first_good(run.checkpoints_dir)
     if checkpoint is None:
         why = "; ".join(problems) if problems else "it stopped before its first checkpoint"

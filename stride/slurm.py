@@ -261,8 +261,31 @@ def test_only(sbatch_text: str, timeout_s: float = 30.0) -> None:
         said = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
         reason = said[-1] if said else f"exit code {result.returncode}"
         reason = re.sub(r"^sbatch: error: (Batch job submission failed: )?", "", reason)
-        raise ClusterError(f"SLURM refused the request: {reason}; check --partition/--account/--qos/--time/--nodes "
-                           f"against `sinfo` and `sacctmgr show assoc user=$USER`")
+        raise ClusterError(f"SLURM refused the request: {reason}; {refusal_hint(reason)}")
+
+
+# What Slurm's refusal names -> the flag that set it (Slurm's own wording, src/common/slurm_errno.c).
+REFUSAL_FLAGS = [
+    (r"policy", "--qos, --time or --nodes against your limits (see `sacctmgr show assoc user=$USER`)"),
+    (r"account|association", "--account (see `sacctmgr show assoc user=$USER`)"),
+    (r"partition", "--partition (see `sinfo -s`)"),
+    (r"qos", "--qos (see `sacctmgr show qos`)"),
+    (r"time limit", "--time (see the partition's MaxTime in `sinfo -o '%P %l'`)"),
+    (r"gres|generic resource|gpu", "--gpus (see the nodes' GPUs in `sinfo -o '%N %G'`)"),
+    (r"feature|constraint", "--constraint (see the nodes' features in `sinfo -o '%N %f'`)"),
+    (r"memory|mem", "--mem (see the nodes' memory in `sinfo -o '%N %m'`)"),
+    (r"array", "the sweep's size or --max-parallel (see MaxArraySize in `scontrol show config`)"),
+    (r"processors|cpu|node configuration|node count|nodes", "--nodes, --tasks-per-node, --cpus-per-task or --gpus "
+     "(see the nodes in `sinfo -N -o '%N %c %m %G'`)"),
+]
+
+
+def refusal_hint(reason: str) -> str:
+    """Name the flag Slurm objected to, or every candidate when its words do not say."""
+    for pattern, flag in REFUSAL_FLAGS:
+        if re.search(pattern, reason, re.IGNORECASE):
+            return f"check {flag}"
+    return "check --partition/--account/--qos/--time/--nodes against `sinfo` and `sacctmgr show assoc user=$USER`"
 
 
 def filesystem_type(path: Path) -> Optional[str]:

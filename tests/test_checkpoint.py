@@ -2,13 +2,15 @@
 the file `latest` names."""
 from __future__ import annotations
 
+import os
+import threading
 import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
-from stride.checkpoint import Checkpointer, LATEST
+from stride.checkpoint import LATEST, QUIET_NICE, BackgroundWriter, Checkpointer
 from stride.checkpoint_files import first_good, sidecar_for
 from stride.errors import RunError
 
@@ -183,3 +185,23 @@ def _tensors(value, prefix: str = "") -> dict:
         return {prefix: value}
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
     return {k: v for key, item in items for k, v in _tensors(item, f"{prefix}/{key}").items()}
+
+
+def test_background_writes_run_at_the_lowest_cpu_priority_and_training_keeps_its_own():
+    """Writes (and the checksum thread a write starts) yield the CPU to training; the training thread is untouched."""
+    seen: list[int] = []
+
+    def nice_here() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def write() -> None:
+        seen.append(nice_here())
+        helper = threading.Thread(target=lambda: seen.append(nice_here()))
+        helper.start()
+        helper.join()
+
+    before = nice_here()
+    writer = BackgroundWriter("test-writer")
+    writer.submit(write)
+    writer.close()
+    assert seen == [QUIET_NICE, QUIET_NICE] and nice_here() == before

@@ -90,13 +90,30 @@ def test_labels_name_what_differs_and_fall_back_to_run_names():
                {"run": "1", "training_kwargs": {"lr": 0.0003, "seed": 2}, "dataset_kwargs": {"seed": 6}},
                {"run": "2", "training_kwargs": {"lr": 0.0003, "seed": 2}, "dataset_kwargs": {"seed": 6}}]
     assert compare.differing_keys(configs) == ["training_kwargs.lr", "training_kwargs.seed", "dataset_kwargs.seed"]
-    assert compare.run_labels(configs, ["0", "1", "2"]) == [  # two keys named seed: spelled out in full
+    wide = 80
+    assert compare.run_labels(configs, ["0", "1", "2"], max_chars=wide) == [  # two keys named seed: in full
         "lr=0.001 training_kwargs.seed=1 dataset_kwargs.seed=5",
         "run 1: lr=0.0003 training_kwargs.seed=2 dataset_kwargs.seed=6",
         "run 2: lr=0.0003 training_kwargs.seed=2 dataset_kwargs.seed=6"]
     assert compare.run_labels(configs[1:], ["1", "2"]) == ["run 1", "run 2"]  # identical settings
-    assert compare.run_labels(configs[:2], ["0", "1"]) == ["lr=0.001 training_kwargs.seed=1 dataset_kwargs.seed=5",
-                                                          "lr=0.0003 training_kwargs.seed=2 dataset_kwargs.seed=6"]
+    assert compare.run_labels(configs[:2], ["0", "1"], max_chars=wide) == [
+        "lr=0.001 training_kwargs.seed=1 dataset_kwargs.seed=5",
+        "lr=0.0003 training_kwargs.seed=2 dataset_kwargs.seed=6"]
+    # Short by default: whole settings while they fit, then an ellipsis.
+    assert compare.run_labels(configs[:2], ["0", "1"]) == ["lr=0.001 training_kwargs.seed=1 …",
+                                                          "lr=0.0003 training_kwargs.seed=2 …"]
+
+
+def test_labels_are_what_differs_in_training_with_the_swept_keys_first():
+    base = {"training_kwargs": {"lr": 0.001, "seed": 0, "log_every_steps": 10},
+            "slurm": {"nodes": 1, "partition": "a"}, "distributed_kwargs": {"backend": "gloo"}}
+    other = {"training_kwargs": {"lr": 0.003, "seed": 1, "log_every_steps": 50},
+             "slurm": {"nodes": 4, "partition": "b"}, "distributed_kwargs": {"backend": "nccl"}}
+    assert compare.run_labels([base, other], ["0", "1"]) == ["lr=0.001 seed=0", "lr=0.003 seed=1"]
+    assert compare.run_labels([base, other], ["0", "1"], first=["training_kwargs.seed"]) == ["seed=0 lr=0.001",
+                                                                                         "seed=1 lr=0.003"]
+    placed = dict(base, slurm={"nodes": 4, "partition": "a"})
+    assert compare.run_labels([base, placed], ["0", "1"]) == ["nodes=1", "nodes=4"]  # all that differs
 
 
 # ------------------------------------------------------------------------------------------------------------- plot
@@ -110,7 +127,7 @@ def test_plotted_series_are_the_runs_metrics(work_dir):
                                                         "lr=0.0003 seed=2 dropout=0.2"]
     assert train.steps == [5, 10, 15, 20, 25, 30, 35, 40]
     assert list(zip(train.steps, train.values)) == [(r["step"], r["train_loss"]) for r in records
-                                                    if "train_loss" in r]
+                                                    if r["split"] == "train"]
     val = panels["val_accuracy"][0]
     assert list(zip(val.steps, val.values)) == [(r["step"], r["val_accuracy"]) for r in records
                                                 if r["split"] == "val"]
@@ -135,6 +152,7 @@ def test_plot_writes_a_png_of_both_panels_and_prints_its_path(work_dir, stride):
     assert path == work_dir / "plots" / "train_loss-val_accuracy.png"
     width, height = png_size(path)
     assert width > 1.5 * height  # two panels side by side
+    assert proc.stderr == ""  # no library warnings on the user's terminal
 
 
 def test_plot_one_metric_to_a_chosen_file(work_dir, stride, tmp_path):

@@ -190,6 +190,34 @@ def test_the_rank_sees_its_own_environment_not_the_host_pythons(tmp_path, runtim
     assert not seen["user_site"] or runtime in ("docker", "podman")  # OCI runtimes pass no host variables at all
 
 
+@needs_images
+def test_charliecloud_shows_the_rank_work_dir_and_nothing_beside_it(tmp_path):
+    """Only work_dir is bound, at its own path: not its parent folder, not the host's /tmp (ch-run shares that unless
+    given a private one), where the sibling file and the images live."""
+    work = tmp_path / "exp"
+    work.mkdir()
+    (tmp_path / "beside.txt").write_text("not the run's\n")
+    spec = container.make_spec(dict(config_lib.defaults()["container"], image=IMAGE_DIR), "charliecloud", gpus=False)
+    mount = container_check.charliecloud_mount(Path(IMAGE_DIR), work)
+    assert mount == str(work)
+    argv = container.build_command(spec, mount, os.getuid(), os.getgid())
+    paths = [str(work), str(tmp_path / "beside.txt"), IMAGE_DIR]
+    probe = f"import json, os; print(json.dumps([os.path.exists(p) for p in {paths!r}]))"
+    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **container_check.runtime_env(spec)))
+    assert proc.returncode == 0, proc.stderr
+    assert __import__("json").loads(proc.stdout.strip().splitlines()[-1]) == [True, False, False]
+
+
+def test_charliecloud_outside_tmp_says_what_to_add_to_the_image_instead_of_binding_a_parent(tmp_path):
+    image = tmp_path / "image"
+    (image / "scratch").mkdir(parents=True)  # the parent is there; binding it would expose all of /scratch
+    with pytest.raises(container_check.ContainerError, match=f"mkdir -p {image}/scratch/lab/exp"):
+        container_check.charliecloud_mount(image, Path("/scratch/lab/exp"))
+    (image / "scratch" / "lab" / "exp").mkdir(parents=True)
+    assert container_check.charliecloud_mount(image, Path("/scratch/lab/exp")) == "/scratch/lab/exp"
+
+
 # ----------------------------------------------------------------------------------------------- preflight
 @needs_images
 @pytest.mark.parametrize("command", ["local", "submit"])
@@ -209,6 +237,7 @@ def test_missing_docker_image_is_one_clear_error(tmp_path):
     line = proc.stderr.strip()
     assert line.startswith("stride: error: docker has no image 'stride-nosuch:image' (") and "\n" not in line
     assert "stride never pulls" in line and not (tmp_path / "exp").exists()
+    assert "([])" not in line and "no such image" in line.lower()  # docker's own words, not its empty stdout
 
 
 @needs_images

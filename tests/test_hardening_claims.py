@@ -129,7 +129,7 @@ def test_a_killed_run_is_not_running_forever_and_its_claim_is_taken_over(tmp_pat
     assert "state:    lost" in shown and f"pid {proc.pid} on host {socket.gethostname()} is gone" in shown, shown
     assert "lost" in stride("status", str(tmp_path / "exp"), check=True).stdout
     follow = stride("logs", str(run), "--follow", timeout=60)  # the run's process is gone: it ends
-    assert follow.returncode == 0 and "rank 0/0 INFO" in follow.stdout, follow.stderr
+    assert follow.returncode == 0 and "rank 0 local 0 INFO" in follow.stdout, follow.stderr
 
     resumed = stride("resume", str(run), "--local", env=env, check=True)
     assert "test_accuracy=" in resumed.stdout

@@ -19,6 +19,7 @@ from stride.errors import ConfigError
 from stride.rundir import validate_run_name
 
 DRY = "# sbatch script (dry run: nothing written, nothing submitted)\n"
+DRY_RUN = ("--dry-run", "--skip-slurm-checks")  # the script as text: these tests are about what it says
 
 
 def refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
@@ -56,7 +57,7 @@ def tree(folder: Path) -> set[str]:
     ('container.env={"A": "x\\ny"}', "container.env.A"),
 ])
 def test_control_characters_anywhere_are_refused_naming_the_key(stride, tmp_path, override, key):
-    line = refused(stride("submit", "work_dir=exp", override, "--dry-run"), f"config key '{key}' holds")
+    line = refused(stride("submit", "work_dir=exp", override, *DRY_RUN), f"config key '{key}' holds")
     assert "\\" in line  # the character is shown escaped, the message stays one line
     assert tree(tmp_path) == set()
 
@@ -93,7 +94,7 @@ def test_awkward_values_stay_data_in_the_script_bash_runs(stride, tmp_path):
     proc = stride("submit", f"work_dir={work_dir}", "--partition", "debug$(touch PWNED)", "--account", "`touch PWNED`",
                   "--sbatch", f"comment={AWKWARD}", "--sbatch", "mail-type=END", "--sbatch", "hold",
                   "--setup", "echo setup-1 > setup.out", "--setup", "echo 'setup 2; $HOME' >> setup.out",
-                  str(settings), "--dry-run")
+                  str(settings), *DRY_RUN)
     script = script_of(proc)
     assert tree(tmp_path) == {"settings.yaml"}
     folder = f"{work_dir}/0/slurm"
@@ -128,10 +129,10 @@ def test_the_directive_reader_agrees_with_real_sbatch(tmp_path):
 
 
 def test_sbatch_lines_refuse_backslashes_and_log_paths_refuse_patterns(stride):
-    refused(stride("submit", "work_dir=exp", "--sbatch", "comment=a\\b", "--dry-run"), "backslash", "comment")
-    refused(stride("submit", "work_dir=exp", "--partition", "a\\b", "--dry-run"), "slurm.partition", "backslash")
-    refused(stride("submit", "work_dir=exp%u", "--dry-run"), "work_dir", "'%'")
-    refused(stride("submit", "--setup", "#SBATCH --array=0-9", "work_dir=exp", "--dry-run"), "slurm.setup[0]",
+    refused(stride("submit", "work_dir=exp", "--sbatch", "comment=a\\b", *DRY_RUN), "backslash", "comment")
+    refused(stride("submit", "work_dir=exp", "--partition", "a\\b", *DRY_RUN), "slurm.partition", "backslash")
+    refused(stride("submit", "work_dir=exp%u", *DRY_RUN), "work_dir", "'%'")
+    refused(stride("submit", "--setup", "#SBATCH --array=0-9", "work_dir=exp", *DRY_RUN), "slurm.setup[0]",
             "#SBATCH directive")
 
 
@@ -166,17 +167,17 @@ def test_sbatch_lines_refuse_backslashes_and_log_paths_refuse_patterns(stride):
     ("N=2", "--nodes"),
 ])
 def test_owned_sbatch_options_are_refused_with_the_flag_to_use(stride, tmp_path, option, hint):
-    refused(stride("submit", "work_dir=exp", "--sbatch", option, "--dry-run"), "stride sets itself", hint)
+    refused(stride("submit", "work_dir=exp", "--sbatch", option, *DRY_RUN), "stride sets itself", hint)
     key, sep, value = option.partition("=")
     settings = tmp_path / "settings.yaml"
     settings.write_text(f"slurm:\n  sbatch_args:\n    {key}: {json.dumps(value) if sep else 'true'}\n")
-    refused(stride("submit", "work_dir=exp", str(settings), "--dry-run"), "stride sets itself", hint)
+    refused(stride("submit", "work_dir=exp", str(settings), *DRY_RUN), "stride sets itself", hint)
     assert tree(tmp_path) == {"settings.yaml"}
 
 
 def test_other_sbatch_options_pass_once(stride):
     script = script_of(stride("submit", "work_dir=exp", "--sbatch", "wckey=mine", "--sbatch", "no-requeue",
-                              "--sbatch", "gres=gpu:1", "--sbatch", "time-min=5", "--dry-run"))
+                              "--sbatch", "gres=gpu:1", "--sbatch", "time-min=5", *DRY_RUN))
     found = directives(script)
     assert ("wckey", "mine") in found and [n for n, _ in found].count("wckey") == 1
     assert ("no-requeue", None) in found and ("requeue", None) not in found
@@ -196,17 +197,17 @@ def test_sbatch_values_must_be_text_numbers_or_switches(value, needle):
 
 def test_repeated_setup_and_sbatch_flags_are_all_kept_in_order(stride):
     script = script_of(stride("submit", "work_dir=exp", "--setup", "module load cuda", "--sbatch", "mail-type=END",
-                              "--setup", "x", "--sbatch=comment=x", "--setup=echo 'a; b'", "--dry-run"))
+                              "--setup", "x", "--sbatch=comment=x", "--setup=echo 'a; b'", *DRY_RUN))
     assert "\n# setup\nmodule load cuda\nx\necho 'a; b'\n" in script
     assert ("mail-type", "END") in directives(script) and ("comment", "x") in directives(script)
 
 
 def test_names_that_look_like_numbers_keep_their_text(stride):
     script = script_of(stride("submit", "work_dir=exp", "--account", "0x10", "--partition", "1e3", "--qos", "007",
-                              "--constraint", "1_000", "--dry-run"))
+                              "--constraint", "1_000", *DRY_RUN))
     found = dict(directives(script))
     assert (found["account"], found["partition"], found["qos"], found["constraint"]) == ("0x10", "1e3", "007", "1_000")
-    refused(stride("submit", "work_dir=exp", "--time", "0x10", "--dry-run"), "--time '0x10' is not a time")
+    refused(stride("submit", "work_dir=exp", "--time", "0x10", *DRY_RUN), "--time '0x10' is not a time")
 
 
 def test_a_run_named_like_a_number_is_that_run(stride, tmp_path):
@@ -236,9 +237,9 @@ def test_resume_keeps_repeated_and_text_flags(monkeypatch, tmp_path):
 
 
 def test_a_flag_given_twice_or_without_a_value_is_refused(stride):
-    refused(stride("submit", "work_dir=exp", "--nodes", "2", "--nodes", "3", "--dry-run"), "--nodes is given twice")
-    refused(stride("submit", "work_dir=exp", "--account", "--dry-run"), "--account needs a value")
-    refused(stride("submit", "work_dir=exp", "--sbatch", "comment=a", "--sbatch", "comment=b", "--dry-run"),
+    refused(stride("submit", "work_dir=exp", "--nodes", "2", "--nodes", "3", *DRY_RUN), "--nodes is given twice")
+    refused(stride("submit", "work_dir=exp", "--account", *DRY_RUN), "--account needs a value")
+    refused(stride("submit", "work_dir=exp", "--sbatch", "comment=a", "--sbatch", "comment=b", *DRY_RUN),
             "--sbatch comment is given twice")
 
 

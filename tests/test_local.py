@@ -42,7 +42,7 @@ def test_run_folder_holds_everything(default_run):
     status = read_json(run / "status.json")
     assert status["state"] == "completed" and status["started_at"] and status["ended_at"]
     log = (run / "logs" / "rank_0.log").read_text()
-    assert " rank 0/0 INFO " in log and "finished:" in log
+    assert " rank 0 local 0 INFO " in log and "finished:" in log
     assert (run / "weights" / "best.pt").is_file() and (run / "weights" / "final.pt").is_file()
     assert (run / "checkpoints" / "latest").is_file()
     metrics = read_jsonl(run / "metrics.jsonl")
@@ -73,7 +73,7 @@ def test_two_processes_reach_the_accuracy_of_one(tmp_path, stride, default_run):
     assert results["test_accuracy"] >= 0.95
     assert abs(results["test_accuracy"] - single["test_accuracy"]) <= 0.03
     for rank in (0, 1):
-        assert f" rank {rank}/{rank} INFO " in (run / "logs" / f"rank_{rank}.log").read_text()
+        assert f" rank {rank} local {rank} INFO " in (run / "logs" / f"rank_{rank}.log").read_text()
     assert "rank 1" not in (run / "logs" / "rank_0.log").read_text().replace("rank 1/", "")
 
 
@@ -135,3 +135,18 @@ def test_config_command_prints_resolved_config_without_running(tmp_path, stride)
     proc = stride("config", "work_dir=exp", "training_kwargs.epochs=3", check=True)
     assert "epochs: 3" in proc.stdout and "model_name: CNN" in proc.stdout
     assert not (tmp_path / "exp").exists()
+    # What local would refuse, config refuses: a keyword the model does not take.
+    refused = stride("config", "work_dir=exp", "model_kwargs.hidden=[256,256]")
+    assert refused.returncode == 2 and "hidden" in refused.stderr and "CNN" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert stride("config", "work_dir=exp", "model_kwargs.channels=[16,32]", check=True).returncode == 0
+
+
+def test_every_epoch_summary_has_its_train_loss_even_when_a_step_log_ends_the_epoch(tmp_path, stride):
+    # Logging every step puts a log point on each epoch's last step, which used to leave the epoch without one.
+    stride("local", "work_dir=exp", "training_kwargs.epochs=2", "training_kwargs.log_every_steps=1", check=True)
+    val = [r for r in read_jsonl(tmp_path / "exp/0/metrics.jsonl") if r["split"] == "val"]
+    assert len(val) == 2 and all("train_loss" in r for r in val), val
+    log = (tmp_path / "exp/0/logs/rank_0.log").read_text()
+    done = [line for line in log.splitlines() if "/2 done:" in line]
+    assert len(done) == 2 and all("train_loss" in line for line in done), done

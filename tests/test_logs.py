@@ -31,9 +31,9 @@ def test_logs_of_a_slurm_run_by_rank_and_stream_and_followed_to_the_end(tmp_path
     wait_gone(job_id, timeout_s=60)
     assert run_status(run)["state"] == "completed"
     rank_log = (run / "logs" / "rank_1.log").read_text()
-    assert followed == rank_log and " rank 1/1 INFO " in followed
+    assert followed == rank_log and " rank 1 local 1 INFO " in followed
     assert stride("logs", str(run), "--rank", "1", check=True).stdout == rank_log
-    assert " rank 0/0 INFO " in stride("logs", str(run), check=True).stdout
+    assert " rank 0 local 0 INFO " in stride("logs", str(run), check=True).stdout
 
     out = stride("logs", str(run), "--rank", "1", "--slurm", "out", check=True).stdout
     assert out == (run / "slurm" / f"{job_id}_1_log.out").read_text() and "global_rank=1(2)" in out

@@ -122,7 +122,14 @@ def test_completed_run_says_so_and_more_epochs_continue_it(tmp_path, stride, fin
     before = (run / "weights" / "final.pt").read_bytes()
     proc = stride("resume", str(run), "--local", check=True)
     assert "already completed (2 epochs): nothing to do" in proc.stdout
+    assert f"To train longer: stride resume {run} --local training_kwargs.epochs=4" in proc.stdout  # flags kept
     assert (run / "weights" / "final.pt").read_bytes() == before
+    # Fewer epochs than it has trained: refused in one line, with a command that keeps the user's flags.
+    metadata = (run / "metadata.json").read_bytes()
+    one_line_error(stride("resume", str(run), "--local", "training_kwargs.epochs=1"),
+                   "has already trained 2 epochs, so training_kwargs.epochs=1 would end before where it is",
+                   f"e.g. stride resume {run} --local training_kwargs.epochs=4")
+    assert (run / "metadata.json").read_bytes() == metadata
 
     proc = stride("resume", str(run), "--local", "training_kwargs.epochs=3", check=True)
     assert "test_accuracy=" in proc.stdout

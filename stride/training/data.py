@@ -1,5 +1,6 @@
 """Datasets into loaders: building the splits (with the run folder and the splits wanted, for builders that take
-them), samplers that shard and resume mid-epoch, and moving nested batches to the device."""
+them), samplers that shard and resume mid-epoch, loaders that fetch whole batches where the dataset can (`fetch`),
+and moving nested batches to the device."""
 from __future__ import annotations
 
 import inspect
@@ -7,11 +8,12 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 from stride import registry
 from stride.datasets import DataSplits
 from stride.errors import ConfigError
+from stride.training.fetch import as_is, batch_fetch
 from stride.training.rng import seed_worker
 
 SPLITS = ("train", "val", "test")
@@ -80,12 +82,29 @@ class ResumableDistributedSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples - self.start_index
 
+    def index_tensor(self) -> torch.Tensor:
+        """What `__iter__` yields, as one index tensor: DistributedSampler's shuffle, padding and sharding in tensor
+        operations, so a batched loader slices its batches without a Python int per sample."""
+        n = len(self.dataset)
+        if self.shuffle:
+            indices = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            indices = torch.arange(n)
+        if not self.drop_last and self.total_size > n:  # pad by repeating from the start, as DistributedSampler does
+            indices = indices.repeat(-(-self.total_size // n))
+        indices = indices[:self.total_size]
+        return indices[self.rank:self.total_size:self.num_replicas][self.start_index:]
+
 
 class ShardSampler(Sampler[int]):
     """Every rank evaluates a disjoint slice with no padding, so summed metrics count each sample exactly once."""
 
     def __init__(self, length: int, rank: int, world_size: int):
         self.indices = list(range(rank, length, world_size))
+        self._tensor = torch.arange(rank, length, world_size)
+
+    def index_tensor(self) -> torch.Tensor:
+        return self._tensor
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
@@ -111,8 +130,8 @@ def make_loaders(data: DataSplits, config: Mapping, rank: int, world_size: int,
     train_sampler = ResumableDistributedSampler(data.train, num_replicas=world_size, rank=rank,
                                                 shuffle=opts["shuffle"], seed=seed, drop_last=opts["drop_last"])
     generator = torch.Generator().manual_seed(seed + rank)
-    train = DataLoader(data.train, batch_size=opts["batch_size"], sampler=train_sampler,
-                       drop_last=opts["drop_last"], generator=generator, **common)
+    train = make_loader(data.train, opts["batch_size"], train_sampler, drop_last=opts["drop_last"],
+                        generator=generator, **common)
     # Every loader gets its own generator: a loader without one draws its workers' seed from the global RNG
     # when its iterator is first made, which a resumed run does at a different moment (dropout would drift).
     val, test = (eval_loader(split, config, rank, world_size, **common) if split is not None else None
@@ -122,9 +141,47 @@ def make_loaders(data: DataSplits, config: Mapping, rank: int, world_size: int,
 
 def eval_loader(dataset: Dataset, config: Mapping, rank: int, world_size: int, **common: Any) -> DataLoader:
     seed = config["training_kwargs"]["seed"]
-    return DataLoader(dataset, batch_size=eval_batch_size(config["load_data_kwargs"]),
-                      generator=torch.Generator().manual_seed(seed),
-                      sampler=ShardSampler(len(dataset), rank, world_size), **common)
+    sampler = ShardSampler(len(dataset), rank, world_size)
+    return make_loader(dataset, eval_batch_size(config["load_data_kwargs"]), sampler,
+                       generator=torch.Generator().manual_seed(seed), **common)
+
+
+def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int], drop_last: bool = False,
+                **options: Any) -> DataLoader:
+    """Batches of `sampler`'s indices: fetched whole where the dataset can (one call per batch, nothing collated
+    per sample), else sample by sample and collated. Both paths group the same indices with the same BatchSampler
+    and draw the same seeds from the loader's generator, so their batches are equal and runs resume alike."""
+    fetch = batch_fetch(dataset)
+    if fetch is None:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **options)
+    # batch_size=None turns off the loader's own batching: each index the sampler yields is a whole batch's indices.
+    batches = (IndexBatches(sampler, batch_size, drop_last) if callable(getattr(sampler, "index_tensor", None))
+               else BatchSampler(sampler, batch_size, drop_last))
+    return DataLoader(fetch, sampler=batches, batch_size=None, collate_fn=as_is, **options)
+
+
+class IndexBatches(Sampler[torch.Tensor]):
+    """BatchSampler's batches of a sampler's indices (stride's own samplers, which give them as one tensor) as
+    index tensors: slices of the epoch's index tensor, with no Python int per sample."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        indices = self.sampler.index_tensor()
+        size = self.batch_size
+        end = len(indices) - len(indices) % size if self.drop_last else len(indices)
+        return (indices[start:start + size] for start in range(0, end, size))
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+
+def set_train_epoch(loader: DataLoader, epoch: int, batches_done: int) -> None:
+    """Point the train loader at `batches_done` batches into `epoch` (0: its start), for exact mid-epoch resume."""
+    batches = loader.batch_sampler or loader.sampler  # the loader's own BatchSampler, or make_loader's
+    batches.sampler.set_epoch(epoch, start_index=batches_done * batches.batch_size)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

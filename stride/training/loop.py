@@ -25,8 +25,9 @@ from stride.logs import ProgressBar
 from stride.rundir import RunDir, now_iso, write_json
 from stride.training import recipe
 from stride.training.control import Cadence, agree
-from stride.training.data import make_loaders, to_device
+from stride.training.data import make_loaders, set_train_epoch
 from stride.training.hooks import Callbacks, FitState, build_callbacks
+from stride.training.prefetch import device_batches
 from stride.training.rng import rng_state, set_rng_state
 from stride.training.sinks import build_sinks
 
@@ -123,12 +124,7 @@ class Loop:
         """Between optimizer steps: notice stop requests, agree with the other ranks when planned, log, run hooks,
         checkpoint when due. Returns the loop's result when it must stop here."""
         tk, epoch = self.tk, self.epoch
-        if self.stop_seen_at is None and self.t.stop_reason is not None:
-            self.stop_seen_at = time.monotonic()
-            if not self.env.distributed:
-                self.cadence.next_step = step  # a lone process has no one to agree with: act at once
-            self.log.info("stop requested (%s) at step %d; stopping at step %d", self.t.stop_reason, step,
-                          max(step, self.cadence.next_step))
+        self._notice_stop_request(step)
         at_log_point = step % tk["log_every_steps"] == 0
         due = bool(tk["checkpoint_every_steps"] and step % tk["checkpoint_every_steps"] == 0)
         # Ranks agree at steps they all planned alike (every few seconds, and at every log point), so no step
@@ -142,7 +138,7 @@ class Loop:
             self.cadence.agreed(step, elapsed_s)
             due = due or bool(due_any)
             if at_log_point:
-                self.last_loss = self._log_train(step)
+                self.last_loss, self.last_loss_step = self._log_train(step), step
                 if self.is_main and self.end_reason is None:
                     self.end_reason = self.callbacks.log(self._fit_state(step, {"train_loss": self.last_loss}))
             if stop:
@@ -155,7 +151,17 @@ class Loop:
                              self.last_loss)
         return None
 
+    def _notice_stop_request(self, step: int, stopping_now: bool = False) -> None:
+        """Log this rank's stop request once, when first seen (a signal can also land while the ranks agree)."""
+        if self.stop_seen_at is None and self.t.stop_reason is not None:
+            self.stop_seen_at = time.monotonic()
+            if stopping_now or not self.env.distributed:
+                self.cadence.next_step = step  # a lone process has no one to agree with: act at once
+            self.log.info("stop requested (%s) at step %d; stopping at step %d", self.t.stop_reason, step,
+                          max(step, self.cadence.next_step))
+
     def _stop(self, step: int) -> dict:
+        self._notice_stop_request(step, stopping_now=True)
         self.save_checkpoint(self.epoch, step, self.batch_index, wait=True)
         reason = self.t.stop_reason or "another rank was asked to stop"
         after = f", {time.monotonic() - self.stop_seen_at:.2f}s after the request" if self.stop_seen_at else ""
@@ -179,20 +185,22 @@ class Loop:
         self.stop_seen_at: Optional[float] = None
         self.train_start = time.monotonic()
         self.last_loss: Optional[float] = None
+        self.last_loss_step = -1
         self.model.train()
         if self.is_main:
             self.callbacks.fit_start(self._fit_state(step, {}))
 
         for epoch in range(start_epoch, tk["epochs"]):
             self.epoch = epoch
-            self.train_loader.sampler.set_epoch(epoch, start_index=batches_done * self.train_loader.batch_size)
+            set_train_epoch(self.train_loader, epoch, batches_done)
             num_batches = batches_done + len(self.train_loader)
             self.batch_index = batches_done
             self.cadence.restart(step)  # the evaluation just done is no training step's time
-            for batch in self.train_loader:
+            # batch_index counts the batches the steps consumed: it is what a mid-epoch checkpoint resumes from.
+            for batch in device_batches(self.train_loader, t.device):
                 self.batch_index += 1
                 boundary = self.batch_index % self.accum == 0 or self.batch_index == num_batches
-                self.forward_backward(to_device(batch, t.device), boundary)
+                self.forward_backward(batch, boundary)
                 if not boundary:
                     continue
                 self.optimizer_step()
@@ -252,6 +260,8 @@ class Loop:
         metrics = self.t.evaluate("val", self.val_loader)
         if self.loss_where:
             metrics["train_loss"] = self._log_train(step, write=False)
+        elif self.last_loss is not None and self.last_loss_step == step:  # a log point fell on the epoch's last step
+            metrics["train_loss"] = self.last_loss
         value = metrics.get(self.best_metric)
         if value is None:
             raise RunError(f"training_kwargs.best_metric '{self.best_metric}' is not a validation metric; "

@@ -7,10 +7,10 @@ import json
 from typing import Mapping, Sequence
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import SequentialSampler
 
 from stride.errors import ConfigError
-from stride.training.data import build_splits
+from stride.training.data import build_splits, make_loader
 from stride.training.trainer import Trainer, check_plugins, trainer_class
 
 
@@ -55,7 +55,9 @@ def check_one(config: dict, data: object) -> None:
     trainer.data = data
     task, model = trainer.task, trainer.model  # building the model: its errors are one line already
     name = config["task_kwargs"].get("task_name", "auto")
-    loader = DataLoader(trainer.data.train, batch_size=config["load_data_kwargs"]["batch_size"])
+    # The loader training uses (a dataset's __getitems__ may return the batch itself), on the first samples.
+    train = trainer.data.train
+    loader = make_loader(train, config["load_data_kwargs"]["batch_size"], SequentialSampler(train))
     try:
         batch = next(iter(loader))
     except StopIteration:
