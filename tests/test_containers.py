@@ -191,19 +191,22 @@ def test_the_rank_sees_its_own_environment_not_the_host_pythons(tmp_path, runtim
 
 
 @needs_images
-def test_charliecloud_shows_the_rank_work_dir_and_nothing_beside_it(tmp_path):
-    """Only work_dir is bound, at its own path: not its parent folder, not the host's /tmp (ch-run shares that unless
-    given a private one), where the sibling file and the images live."""
+@pytest.mark.parametrize("runtime", ["charliecloud", "docker", "podman"])
+def test_the_rank_sees_work_dir_and_nothing_beside_it(tmp_path, runtime):
+    """Only work_dir is bound, at its own path: not its parent folder, not the host's /tmp (Charliecloud shares that
+    by default), where the sibling file and the test images live. (Apptainer shares the host's /tmp and home by
+    site default; its `--contain` also hides the site's Slurm files from a rank that must requeue its job.)"""
     work = tmp_path / "exp"
     work.mkdir()
     (tmp_path / "beside.txt").write_text("not the run's\n")
-    spec = container.make_spec(dict(config_lib.defaults()["container"], image=IMAGE_DIR), "charliecloud", gpus=False)
-    mount = container_check.charliecloud_mount(Path(IMAGE_DIR), work)
+    image = {"apptainer": SIF, "docker": DOCKER_IMAGE}.get(runtime, IMAGE_DIR)
+    spec = container.make_spec(dict(config_lib.defaults()["container"], image=image), runtime, gpus=False)
+    mount = container_check.charliecloud_mount(Path(IMAGE_DIR), work) if runtime == "charliecloud" else str(work)
     assert mount == str(work)
     argv = container.build_command(spec, mount, os.getuid(), os.getgid())
     paths = [str(work), str(tmp_path / "beside.txt"), IMAGE_DIR]
     probe = f"import json, os; print(json.dumps([os.path.exists(p) for p in {paths!r}]))"
-    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=180,
                           env=dict(os.environ, **container_check.runtime_env(spec)))
     assert proc.returncode == 0, proc.stderr
     assert __import__("json").loads(proc.stdout.strip().splitlines()[-1]) == [True, False, False]

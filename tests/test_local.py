@@ -47,7 +47,7 @@ def test_run_folder_holds_everything(default_run):
     assert (run / "checkpoints" / "latest").is_file()
     metrics = read_jsonl(run / "metrics.jsonl")
     val_epochs = [m["epoch"] for m in metrics if m["split"] == "val"]
-    assert val_epochs == list(range(config["training_kwargs"]["epochs"]))
+    assert val_epochs == list(range(1, config["training_kwargs"]["epochs"] + 1))  # epoch N of E, from 1
     assert any(m["split"] == "train" and "train_loss" in m for m in metrics)
     assert [m for m in metrics if m["split"] == "test"][0]["test_accuracy"] == read_json(run / "results.json")[
         "test_accuracy"]
@@ -150,3 +150,9 @@ def test_every_epoch_summary_has_its_train_loss_even_when_a_step_log_ends_the_ep
     log = (tmp_path / "exp/0/logs/rank_0.log").read_text()
     done = [line for line in log.splitlines() if "/2 done:" in line]
     assert len(done) == 2 and all("train_loss" in line for line in done), done
+    # One numbering, from 1, wherever epochs are shown: metrics, logs, status, results.
+    assert [r["epoch"] for r in val] == [1, 2] and "epoch 2/2 done" in done[1]
+    assert read_json(tmp_path / "exp/0/status.json")["epoch"] == 2
+    best = read_json(tmp_path / "exp/0/results.json")["best"]
+    assert best["epoch"] in (1, 2) and f"at epoch {best['epoch']})" in log
+    assert {r["epoch"] for r in read_jsonl(tmp_path / "exp/0/metrics.jsonl") if r["split"] == "train"} == {1, 2}

@@ -42,12 +42,12 @@ def test_a_hopeless_trial_is_pruned_after_its_first_epoch(study):
     good, other, bad = study.trials
     assert good.state == other.state == optuna.trial.TrialState.COMPLETE
     assert bad.state == optuna.trial.TrialState.PRUNED
-    assert good.value >= 0.7 and sorted(good.intermediate_values) == [0, 1, 2]
-    assert sorted(bad.intermediate_values) == [0]
+    assert good.value >= 0.7 and sorted(good.intermediate_values) == [1, 2, 3]
+    assert sorted(bad.intermediate_values) == [1]
     run = bad.user_attrs["run"]
     results = read_json(f"{run}/results.json")
     assert results["epochs"] == 1 and "pruned by Optuna" in results["ended_early"]["reason"]
-    assert [r["epoch"] for r in read_jsonl(f"{run}/metrics.jsonl") if r["split"] == "val"] == [0]
+    assert [r["epoch"] for r in read_jsonl(f"{run}/metrics.jsonl") if r["split"] == "val"] == [1]
     status = read_json(f"{run}/status.json")
     assert status["state"] == "completed" and "pruned" in status["ended_early"]
     # The pruned run still ends like any run: best weights tested, final weights kept.
@@ -76,6 +76,6 @@ def test_the_hook_named_in_the_config_prunes_on_two_ranks(study, tmp_path):
     assert results["world_size"] == 2 and results["epochs"] == 1
     assert "pruned by Optuna" in results["ended_early"]["reason"]
     reported = optuna.load_study(study_name="digits", storage=storage).trials[trial.number].intermediate_values
-    assert list(reported) == [0]
+    assert list(reported) == [1]
     for rank in (0, 1):  # both ranks ended after the same epoch, together
         assert "ending the run after epoch 1" in (tmp_path / run / "logs" / f"rank_{rank}.log").read_text()

@@ -138,7 +138,7 @@ def test_completed_run_says_so_and_more_epochs_continue_it(tmp_path, stride, fin
     amendments = read_json(run / "metadata.json")["amendments"]
     assert amendments[-1]["changes"] == {"training_kwargs.epochs": [2, 3]}
     val_epochs = [r["epoch"] for r in read_jsonl(run / "metrics.jsonl") if r["split"] == "val"]
-    assert val_epochs == [0, 1, 2]
+    assert val_epochs == [1, 2, 3]
 
 
 def test_keys_that_would_change_the_run_are_refused(tmp_path, stride, finished_run):

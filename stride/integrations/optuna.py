@@ -53,5 +53,5 @@ class OptunaPruning(Callback):
         self.trial.report(state.metrics[metric], step=state.epoch)
         if self.trial.should_prune():
             self.pruned = True
-            return f"pruned by Optuna (trial {self.trial.number}) at epoch {state.epoch + 1}"
+            return f"pruned by Optuna (trial {self.trial.number}) at epoch {state.epoch}"
         return None

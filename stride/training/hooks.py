@@ -17,7 +17,8 @@ StopRequest = Union[None, bool, str]
 
 @dataclass
 class FitState:
-    """What a callback sees: where the run is and what it measured."""
+    """What a callback sees: where the run is and what it measured. `epoch` is the epoch's number, counted from 1
+    as everywhere stride shows epochs (logs, status, metrics.jsonl, results.json)."""
 
     run_dir: Path
     config: dict
@@ -86,7 +87,7 @@ class Callbacks:
             try:
                 answer = getattr(callback, method)(state, *args)
             except Exception as exc:
-                raise RunError(f"callback {_name(callback)}.{method} raised at epoch {state.epoch + 1} step "
+                raise RunError(f"callback {_name(callback)}.{method} raised at epoch {state.epoch} step "
                                f"{state.step}: {type(exc).__name__}: {exc}") from exc
             if answer and reason is None:
                 reason = answer if isinstance(answer, str) else f"stopped by callback {_name(callback)}"

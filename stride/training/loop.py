@@ -165,10 +165,10 @@ class Loop:
         self.save_checkpoint(self.epoch, step, self.batch_index, wait=True)
         reason = self.t.stop_reason or "another rank was asked to stop"
         after = f", {time.monotonic() - self.stop_seen_at:.2f}s after the request" if self.stop_seen_at else ""
-        self.log.info("stopping at epoch %d step %d (%s%s): checkpoint written", self.epoch, step, reason, after)
+        self.log.info("stopping at epoch %d step %d (%s%s): checkpoint written", self.epoch + 1, step, reason, after)
         if self.is_main:
-            self._set_status("stopped", epoch=self.epoch, step=step, stop_reason=reason)
-        return {"stopped": True, "epoch": self.epoch, "step": step, "reason": reason}
+            self._set_status("stopped", epoch=self.epoch + 1, step=step, stop_reason=reason)
+        return {"stopped": True, "epoch": self.epoch + 1, "step": step, "reason": reason}
 
     # -------------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -226,7 +226,7 @@ class Loop:
         t = self.t
         if self.is_main:
             runstate.move(self.run_dir, "running", started_at=self.run_dir.read_status().get("started_at")
-                          or now_iso(), host=self.env.hostname, world_size=self.env.world_size, epoch=start_epoch,
+                          or now_iso(), host=self.env.hostname, world_size=self.env.world_size, epoch=start_epoch + 1,
                           step=step, total_steps=self.total_steps, launcher=self.env.launcher, job_id=self.env.job_id,
                           pid=os.getpid(), error=None, error_tail=None, failed_rank=None, failed_host=None,
                           stop_reason=None)
@@ -268,11 +268,11 @@ class Loop:
                            f"available: {', '.join(sorted(metrics))}")
         improved = self._is_better(value)
         if improved:
-            self.best = {"metric": self.best_metric, "value": value, "epoch": epoch, "step": step}
+            self.best = {"metric": self.best_metric, "value": value, "epoch": epoch + 1, "step": step}
             if self.is_main:
                 self._keep_best()
         self.schedule.after_epoch(value)
-        self._write_metrics({"epoch": epoch, "step": step, "split": "val", **metrics})
+        self._write_metrics({"epoch": epoch + 1, "step": step, "split": "val", **metrics})
         self.log.info("epoch %d/%d done: %s%s", epoch + 1, self.tk["epochs"],
                       " ".join(f"{k} {v:.4f}" for k, v in metrics.items()), " (best)" if improved else "")
         reason = self.end_reason or self.early_stopping.update(value)
@@ -316,19 +316,19 @@ class Loop:
             results["ended_early"] = {"reason": self.end_reason, "epoch": epochs_run, "step": step}
         if self.is_main:
             write_json(self.run_dir.results_file, results)
-            self._write_metrics({"epoch": epochs_run - 1, "step": step, "split": "test",
+            self._write_metrics({"epoch": epochs_run, "step": step, "split": "test",
                                  **{k: v for k, v in results.items() if k.startswith("test_")}})
             self._set_status("completed", step=step, ended_early=self.end_reason,
                              results={k: v for k, v in results.items() if k.startswith(("test_", "val_"))})
             self.callbacks.fit_end(self._fit_state(step, results), results)
         summary = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_"))
-        best = self.best or {"metric": self.best_metric, "value": math.nan, "epoch": -1}
+        best = self.best or {"metric": self.best_metric, "value": math.nan, "epoch": 0}
         self.log.info("finished: %s (best %s %.4f at epoch %d); run folder %s", summary, best["metric"],
-                      best["value"], best["epoch"] + 1, self.run_dir.path)
+                      best["value"], best["epoch"], self.run_dir.path)
         return results
 
     def _fit_state(self, step: int, metrics: dict) -> FitState:
-        return FitState(run_dir=self.run_dir.path, config=self.t.config, epoch=self.epoch, step=step,
+        return FitState(run_dir=self.run_dir.path, config=self.t.config, epoch=self.epoch + 1, step=step,
                         total_steps=self.total_steps, metrics=dict(metrics), best=self.best, trainer=self.t)
 
     # ---------------------------------------------------------------------------------------------- checkpoints
@@ -406,8 +406,8 @@ class Loop:
                              len(rngs), self.env.world_size)
             set_rng_state(rngs[0])
         self.best = state.get("best")
-        self.log.info("resumed from %s (epoch %d, step %d, %d batches into the epoch)", path.name, state["epoch"],
-                      state["step"], state["batches_done"])
+        self.log.info("resumed from %s (after %d epochs and %d batches of epoch %d, step %d)", path.name,
+                      state["epoch"], state["batches_done"], state["epoch"] + 1, state["step"])
         return state["epoch"], state["step"], state["batches_done"]
 
     def _load_checkpoint(self) -> Optional[tuple[dict, Path]]:
@@ -448,7 +448,8 @@ class Loop:
         self.loss_where.clear()
         if write:
             lr = self.optimizer.param_groups[0]["lr"]
-            self._write_metrics({"epoch": self.epoch, "step": step, "split": "train", "train_loss": loss, "lr": lr})
+            self._write_metrics({"epoch": self.epoch + 1, "step": step, "split": "train", "train_loss": loss,
+                                 "lr": lr})
             self._report_progress(self.epoch, step)
             if not self.progress.enabled:
                 self.log.info("epoch %d step %d/%d train_loss %.4f lr %.3g (%.1fs)", self.epoch + 1, step,
@@ -490,7 +491,7 @@ class Loop:
         if not self.is_main or now - self.last_progress_time < PROGRESS_EVERY_S or self.status_writer.busy():
             return
         self.last_progress_time = now
-        self.status_writer.submit(self.run_dir.update_status, epoch=epoch, step=step)
+        self.status_writer.submit(self.run_dir.update_status, epoch=epoch + 1, step=step)
 
     def _set_status(self, state: str, **fields: Any) -> None:
         """A state change that must land now (stop, finish): after the background updates still queued."""
