@@ -366,11 +366,9 @@ class StrideCLI:
                                               account, qos, constraint, exclusive, sbatch, setup)
         flags = _by_section(_profile_sections(profile), _container_flag(container), flags)
         original = run_dir.read_config()
-        launched_from = run_dir.read_metadata().get("cwd")
-        if launched_from:  # its plug-ins import from where it was started, wherever the resume is typed
-            from stride.registry import import_from
+        from stride.registry import import_from_launch_folder
 
-            import_from(launched_from)
+        import_from_launch_folder(run_dir)
         config, changes = resume_lib.amend_config(run_dir, overrides, flags)
         live_state = status_lib.describe_runs([run_dir])[0]["state"]
         if dry_run:

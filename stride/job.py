@@ -174,11 +174,9 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
         print(f"{ATTEMPT_MARK}{env.rendezvous_id} (job {env.job_id}) starting on {env.hostname}", file=sys.stderr,
               flush=True)
     config = run.read_config()
-    launched_from = run.read_metadata().get("cwd")
-    if launched_from:  # the folder `stride` was started in: plug-ins by import path resolve on every rank alike
-        from stride.registry import import_from
+    from stride.registry import import_from_launch_folder
 
-        import_from(launched_from)
+    import_from_launch_folder(run)
     dk = config["distributed_kwargs"]
     # One writer per run: rank 0 of each SLURM attempt (requeues too) claims the run before it writes anything, and is
     # refused at once while another process trains it; a `stride local` launcher holds the claim for its ranks.

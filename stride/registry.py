@@ -68,6 +68,14 @@ def import_from(folder: str | Path) -> None:
         sys.path.insert(0, folder)
 
 
+def import_from_launch_folder(run: Any) -> None:
+    """The folder a run was started in (metadata.json's `cwd`): its plug-ins resolve on every rank and in a resume
+    typed anywhere, as where it was launched."""
+    launched_from = run.read_metadata().get("cwd")
+    if launched_from:
+        import_from(launched_from)
+
+
 def is_registered(kind: str, name: str) -> bool:
     if name not in _REGISTRIES[kind]:
         importlib.import_module(_BUILTINS[kind])
