@@ -252,7 +252,6 @@ class StrideCLI:
             config["device"] = "cuda" if config["device"] in ("auto", "cpu") else config["device"]
         prepared = start.prepare([config], slurm=False, gpus=gpus, world=world)
         run = start.create_runs([config], prepared)[0]
-        print(f"stride: run folder {run.path}", file=sys.stderr)
         return start.train_here(run, world, prepared)
 
     def submit(self, *args: Any, nodes: Optional[int] = None, gpus: Optional[int] = None,
@@ -670,7 +669,7 @@ def _dry_run(configs: list[dict], run_path: Path, preview: dict, skip_slurm_chec
     dry = checks or dryrun.DryRun()
     config = configs[0]
     python = dryrun.launch_checks(dry, configs, config["slurm"]["gpus_per_node"] if on_slurm else gpus,
-                                  for_submit=on_slurm) or _container_command(config)
+                                  for_submit=on_slurm) or _container_command(config, on_slurm)
     script = ""
     if on_slurm:
         params = slurm.submitit_parameters(config["slurm"], job_name=f"stride-{Path(config['work_dir']).name}")
@@ -718,13 +717,13 @@ def _container_flag(image: Any) -> dict:
     return {} if image is None else {"container": {"image": str(image)}}
 
 
-def _container_command(config: dict) -> Optional[str]:
+def _container_command(config: dict, for_submit: bool = True) -> Optional[str]:
     """The per-rank container command for --dry-run (nothing is run), or None without a container."""
     if not config["container"]["image"]:
         return None
     from stride import container_check
 
-    return container_check.describe(config, config["slurm"]["gpus_per_node"]).shell
+    return container_check.describe(config, config["slurm"]["gpus_per_node"], for_submit).shell
 
 
 def _print_help(raw: list[str]) -> bool:

@@ -115,7 +115,7 @@ class SlurmKwargs:
     gpus_per_node: int = 0
     """GPUs per node; one task per GPU."""
     tasks_per_node: int = 1
-    """Tasks per node for CPU jobs (ignored when gpus_per_node > 0)."""
+    """Tasks per node for CPU jobs; with gpus_per_node > 0 it is set to that (one task per GPU)."""
     cpus_per_task: Optional[int] = None
     mem_gb: Optional[float] = None
     time_min: Optional[int] = None
@@ -706,6 +706,8 @@ def validate(config: dict) -> dict:
             problems.append(str(exc))
     if problems:
         raise ConfigError(one_line("; ".join(problems)))
+    if config["slurm"]["gpus_per_node"]:  # one task per GPU: the config says what the sbatch script asks for
+        config["slurm"]["tasks_per_node"] = config["slurm"]["gpus_per_node"]
     return config
 
 

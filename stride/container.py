@@ -66,6 +66,9 @@ class ContainerSpec:
     """Names only: the values come from the launcher's environment (see `secret_env_passing`)."""
     gpus: bool = False
     runtime_args: tuple[str, ...] = ()
+    slurm_client: tuple[str, ...] = ()
+    """Host folders of Slurm's client config and munge's socket, bound read-only in a SLURM job's Apptainer ranks:
+    rank 0 calls `scontrol` from inside to requeue the job (see container_check.slurm_client_paths)."""
 
 
 def parse_bind(text: str) -> Bind:
@@ -184,12 +187,13 @@ def guess_runtime(image: str, is_file: bool, is_dir: bool, installed: Iterable[s
 
 
 def _binds(spec: ContainerSpec, work_mount: str) -> list[Bind]:
-    """work_dir at its own path, the node's /etc/hosts, then the user's binds (a later one with the same target wins
-    in every runtime)."""
+    """work_dir at its own path, the node's /etc/hosts, Slurm's client files (read-only), then the user's binds (a
+    later one with the same target wins in every runtime)."""
     if ":" in work_mount:
         raise ConfigError(f"work_dir '{work_mount}' holds ':', which no container runtime's bind syntax (SRC:DST) can "
                           f"express: choose a work_dir without ':'")
-    return [Bind(work_mount, work_mount), Bind(HOSTS_FILE, HOSTS_FILE, read_only=True), *spec.binds]
+    slurm = [Bind(path, path, read_only=True) for path in spec.slurm_client]
+    return [Bind(work_mount, work_mount), Bind(HOSTS_FILE, HOSTS_FILE, read_only=True), *slurm, *spec.binds]
 
 
 def _apptainer(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
@@ -201,7 +205,8 @@ def _apptainer(spec: ContainerSpec, binds: Sequence[Bind]) -> list[str]:
     for name, value in spec.env:
         if _ENV_SPLIT.search(value):
             raise ConfigError(f"container.env.{name} holds ',NAME=', which Apptainer reads as two variables")
-    argv = [spec.executable, "exec"]
+    # --contain: Apptainer would otherwise share the host's home, /tmp and current folder; only the binds are seen.
+    argv = [spec.executable, "exec", "--contain"]
     if spec.gpus:
         argv.append("--nv")
     for bind in binds:

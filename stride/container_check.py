@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import stat
@@ -355,11 +356,29 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def describe(config: Mapping[str, Any], gpus_requested: int) -> ContainerPlan:
+def slurm_client_paths(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """What `scontrol requeue` inside an image needs from the host: the folder of Slurm's config ($SLURM_CONF, or
+    /etc/slurm) and of munge's socket (/run/munge, or the one slurm.conf's AuthInfo names); those that exist."""
+    conf = Path(environ.get("SLURM_CONF") or "/etc/slurm/slurm.conf")
+    folders = [conf.parent] if conf.is_file() else []
+    sockets = [Path("/run/munge")]
+    try:
+        named = re.search(r"^\s*AuthInfo\s*=.*?\bsocket=([^,\s]+)", conf.read_text(errors="replace"), re.M | re.I)
+    except OSError:
+        named = None
+    if named:
+        sockets.append(Path(named.group(1)).parent)
+    folders += [folder for folder in sockets if folder.is_dir()]
+    return list(dict.fromkeys(str(folder) for folder in folders))
+
+
+def describe(config: Mapping[str, Any], gpus_requested: int, for_submit: bool = False) -> ContainerPlan:
     """The command alone, with no checks (for --dry-run): the runtime is resolved, nothing is run."""
     section = config["container"]
     runtime = resolve_runtime(section)
     spec = container.make_spec(section, runtime, container.wants_gpus(section["gpus"], gpus_requested))
+    if for_submit and spec.runtime == "apptainer":
+        spec = dataclasses.replace(spec, slurm_client=tuple(slurm_client_paths()))
     image = Path(spec.image).expanduser()
     if _is_path_image(spec):
         spec = dataclasses.replace(spec, image=str(image.absolute()))
@@ -374,7 +393,7 @@ def describe(config: Mapping[str, Any], gpus_requested: int) -> ContainerPlan:
 def prepare(config: Mapping[str, Any], gpus_requested: int, for_submit: bool,
             check_plugins: bool = True) -> ContainerPlan:
     """Everything checked before a run folder exists: runtime, image, the image's Python and packages, digest."""
-    plan = describe(config, gpus_requested)
+    plan = describe(config, gpus_requested, for_submit)
     spec = plan.spec
     _check_runtime_installed(spec)
     if _is_path_image(spec):

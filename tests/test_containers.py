@@ -7,12 +7,14 @@ images are). Only the pure command-line checks run without them.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import shlex
 import signal
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -147,6 +149,12 @@ def assert_same_training(run: Path, reference: Path) -> None:
     assert ours["test_loss"] == pytest.approx(theirs["test_loss"], rel=1e-4)
 
 
+def assert_tensorboard_written(run: Path) -> None:
+    """The images carry the tensorboard extra: the default sink writes event files from inside them."""
+    assert not any("tensorboard is not installed" in line for line in rank_lines(run, 0))
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+
+
 def assert_recorded(run: Path, image: str, runtime: str) -> dict:
     recorded = read_json(run / "metadata.json")["container"]
     assert recorded["image"] == image and recorded["runtime"] == runtime
@@ -191,11 +199,11 @@ def test_the_rank_sees_its_own_environment_not_the_host_pythons(tmp_path, runtim
 
 
 @needs_images
-@pytest.mark.parametrize("runtime", ["charliecloud", "docker", "podman"])
+@pytest.mark.parametrize("runtime", ["charliecloud", "apptainer", "docker", "podman"])
 def test_the_rank_sees_work_dir_and_nothing_beside_it(tmp_path, runtime):
-    """Only work_dir is bound, at its own path: not its parent folder, not the host's /tmp (Charliecloud shares that
-    by default), where the sibling file and the test images live. (Apptainer shares the host's /tmp and home by
-    site default; its `--contain` also hides the site's Slurm files from a rank that must requeue its job.)"""
+    """Only work_dir is bound, at its own path: not its parent folder, not the host's /tmp (Charliecloud and
+    Apptainer share it by default), where the sibling file and the test images live, nor the folder stride was
+    started in (Apptainer's default)."""
     work = tmp_path / "exp"
     work.mkdir()
     (tmp_path / "beside.txt").write_text("not the run's\n")
@@ -206,10 +214,47 @@ def test_the_rank_sees_work_dir_and_nothing_beside_it(tmp_path, runtime):
     argv = container.build_command(spec, mount, os.getuid(), os.getgid())
     paths = [str(work), str(tmp_path / "beside.txt"), IMAGE_DIR]
     probe = f"import json, os; print(json.dumps([os.path.exists(p) for p in {paths!r}]))"
-    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=180,
+    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=180, cwd=tmp_path,
                           env=dict(os.environ, **container_check.runtime_env(spec)))
     assert proc.returncode == 0, proc.stderr
     assert __import__("json").loads(proc.stdout.strip().splitlines()[-1]) == [True, False, False]
+
+
+@needs_images
+@pytest.mark.parametrize("runtime", ["charliecloud", "apptainer", "docker"])
+def test_the_images_carry_the_extras_that_run_on_ranks(tmp_path, runtime):
+    """Every extra whose code runs inside a rank (the tensorboard sink, Optuna pruning) is in the test images, as in
+    containers/Dockerfile and stride.def; `plot` runs on the host."""
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    modules = sorted(set(extras) - {"test", "plot"})
+    assert modules == ["optuna", "tensorboard"]
+    image = {"apptainer": SIF, "docker": DOCKER_IMAGE}.get(runtime, IMAGE_DIR)
+    spec = container.make_spec(dict(config_lib.defaults()["container"], image=image), runtime, gpus=False)
+    argv = container.build_command(spec, str(tmp_path), os.getuid(), os.getgid())
+    probe = f"import importlib; print([importlib.import_module(m).__name__ for m in {modules!r}])"
+    proc = subprocess.run([*argv, "-c", probe], capture_output=True, text=True, timeout=180,
+                          env=dict(os.environ, **container_check.runtime_env(spec)))
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1] == str(modules), proc.stderr
+
+
+def test_a_slurm_jobs_apptainer_ranks_get_the_slurm_client_files_read_only(tmp_path):
+    """Rank 0 requeues its job with `scontrol` from inside the image: Slurm's config folder and munge's socket folder
+    (the one slurm.conf names) are bound read-only for a SLURM job, and for nothing else."""
+    etc, sockets = tmp_path / "etc", tmp_path / "munge-run"
+    etc.mkdir()
+    sockets.mkdir()
+    (etc / "slurm.conf").write_text(f"AuthType=auth/munge\nAuthInfo=socket={sockets}/munge.socket.2,cred_expire=5\n")
+    paths = container_check.slurm_client_paths({"SLURM_CONF": str(etc / "slurm.conf")})
+    assert paths[:2] == [str(etc), str(sockets)] and set(paths[2:]) <= {"/run/munge"}
+    assert container_check.slurm_client_paths({"SLURM_CONF": str(tmp_path / "none.conf")}) in ([], ["/run/munge"])
+    config = config_lib.validate({"work_dir": str(tmp_path / "exp"), "container": {"image": "/images/x.sif"}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(etc / "slurm.conf"))
+        submitted_words = shlex.split(container_check.describe(config, 0, for_submit=True).shell)
+        local_words = shlex.split(container_check.describe(config, 0).shell)
+    assert f"{etc}:{etc}:ro" in submitted_words and f"{sockets}:{sockets}:ro" in submitted_words
+    assert f"{etc}:{etc}:ro" not in local_words and "--contain" in local_words
 
 
 def test_charliecloud_outside_tmp_says_what_to_add_to_the_image_instead_of_binding_a_parent(tmp_path):
@@ -276,11 +321,13 @@ def test_dry_run_shows_the_exact_container_command(tmp_path):
                       check=True)
     section = dict(config_lib.defaults()["container"], image=SIF)
     spec = container.make_spec(section, "apptainer", gpus=False)
+    spec = dataclasses.replace(spec, slurm_client=tuple(container_check.slurm_client_paths()))
     expected = container.build_shell_command(spec, str(tmp_path / "exp"), os.getuid(), os.getgid())
     folder = shlex.quote(str(tmp_path / "exp" / "0" / "slurm"))
     assert f" --kill-on-bad-exit=1 {expected} -u -m submitit.core._submit {folder}\n" in proc.stdout
-    assert expected.startswith(f"apptainer exec --bind {tmp_path / 'exp'}:{tmp_path / 'exp'} --bind "
-                               f"/etc/hosts:/etc/hosts:ro ")
+    slurm_etc = os.path.dirname(os.environ["SLURM_CONF"])
+    assert expected.startswith(f"apptainer exec --contain --bind {tmp_path / 'exp'}:{tmp_path / 'exp'} --bind "
+                               f"/etc/hosts:/etc/hosts:ro --bind {slurm_etc}:{slurm_etc}:ro ")
     assert not (tmp_path / "exp").exists()
 
 
@@ -305,6 +352,7 @@ def test_stride_local_runs_every_rank_in_the_container(tmp_path, host_local_run,
         assert interpreter(run, rank) == IMAGE_PYTHON
     assert interpreter(host_local_run, 0) != IMAGE_PYTHON
     assert_same_training(run, host_local_run)
+    assert_tensorboard_written(run)
     recorded = assert_recorded(run, image, runtime)
     if runtime == "docker":
         inspected = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True,
@@ -364,6 +412,7 @@ def test_two_node_job_runs_every_rank_in_the_container_and_trains_the_same(slurm
         assert interpreter(run, rank) == IMAGE_PYTHON
         assert interpreter(reference, rank) != IMAGE_PYTHON
     assert_same_training(run, reference)
+    assert_tensorboard_written(run)
     image = IMAGE_DIR if runtime == "charliecloud" else SIF
     recorded = assert_recorded(run, image, runtime)
     if runtime == "apptainer":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import one_line_error, read_json
 from slurm_helpers import needs_slurm, squeue_ids
@@ -26,6 +27,15 @@ def test_a_passing_dry_run_lists_its_checks_and_exits_0(tmp_path, stride):
     assert "#   ok    plug-ins, data, model and one batch" in proc.stdout
     assert "#   ok    Slurm would accept the request (sbatch --test-only)" in proc.stdout
     assert "FAIL" not in proc.stdout and not (tmp_path / "exp").exists()
+
+
+def test_the_dry_runs_config_says_what_its_script_asks_for(stride):
+    """One task per GPU: the config shown (and recorded) has the tasks per node the sbatch script requests."""
+    proc = stride("submit", "work_dir=exp", "--nodes", "2", "--gpus", "2", "--dry-run", check=True)
+    script, config = proc.stdout.split("# resolved config for run ")
+    assert "#SBATCH --ntasks-per-node=2\n" in script and "#SBATCH --gpus-per-node=2\n" in script
+    slurm = yaml.safe_load(config.split("\n", 1)[1].split("\n# checks")[0])["slurm"]
+    assert (slurm["gpus_per_node"], slurm["tasks_per_node"]) == (2, 2)
 
 
 @pytest.mark.parametrize("args, check, message", [

@@ -200,7 +200,8 @@ def test_a_user_sink_gets_every_record_and_is_rewound_on_resume(plugins, stride)
     assert lines[0] == {"open": 0}
     written = [line for line in lines[1:]]
     assert written == read_jsonl(plugins / "exp" / "0" / "metrics.jsonl")
-    assert "stride: run folder" in proc.stderr
+    assert proc.stdout.strip().endswith(f"run folder: {plugins / 'exp' / '0'}")
+    assert "run folder" not in proc.stderr  # said once, as the result
 
 
 def test_a_hook_that_raises_is_a_recorded_failure_naming_it(plugins, stride):

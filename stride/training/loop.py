@@ -323,8 +323,8 @@ class Loop:
             self.callbacks.fit_end(self._fit_state(step, results), results)
         summary = " ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("test_"))
         best = self.best or {"metric": self.best_metric, "value": math.nan, "epoch": 0}
-        self.log.info("finished: %s (best %s %.4f at epoch %d); run folder %s", summary, best["metric"],
-                      best["value"], best["epoch"], self.run_dir.path)
+        self.log.info("finished: %s (best %s %.4f at epoch %d)", summary, best["metric"], best["value"],
+                      best["epoch"])
         return results
 
     def _fit_state(self, step: int, metrics: dict) -> FitState:
