@@ -40,6 +40,8 @@ class DistEnv:
     job_id: Optional[str] = None
     restart_count: int = 0
     hostname: str = socket.gethostname()
+    cpus_per_task: Optional[int] = None
+    """Slurm's CPUs for this task (SLURM_CPUS_PER_TASK), when the job asked for a count."""
 
     @property
     def is_main(self) -> bool:
@@ -58,10 +60,12 @@ def detect() -> DistEnv:
 
         job = submitit.JobEnvironment()
         restart = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+        cpus = env.get("SLURM_CPUS_PER_TASK", "")
         return DistEnv(rank=job.global_rank, local_rank=job.local_rank, world_size=job.num_tasks,
                        local_world_size=max(1, job.num_tasks // job.num_nodes), num_nodes=job.num_nodes,
                        master_addr=job.hostnames[0], rendezvous_id=f"slurm-{job.job_id}-{restart}",
-                       launcher="slurm", job_id=str(job.job_id), restart_count=restart)
+                       launcher="slurm", job_id=str(job.job_id), restart_count=restart,
+                       cpus_per_task=int(cpus) if cpus.isdigit() and int(cpus) > 0 else None)
     if "STRIDE_RENDEZVOUS_ID" in env or "RANK" in env:
         world = int(env.get("WORLD_SIZE", "1"))
         local_world = int(env.get("LOCAL_WORLD_SIZE", str(world)))

@@ -169,6 +169,10 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
     stop = StopFlag().install()
     run = RunDir(run_path)
     env = env or distenv.detect()
+    if env.launcher != "single":
+        from stride import placement
+
+        placement.apply_threads(env.cpus_per_task, env.local_world_size)
     if env.launcher == "slurm" and env.is_main:
         # Lands in the job's stderr, where srun later reports dead tasks: `stride status` reads only this attempt.
         print(f"{ATTEMPT_MARK}{env.rendezvous_id} (job {env.job_id}) starting on {env.hostname}", file=sys.stderr,

@@ -51,6 +51,9 @@ def setup_logging(log_file: Optional[Path], hostname: str, rank: int, local_rank
     # Which interpreter and which stride each rank runs: in a container run, every rank's log shows the image's.
     logger.info("python %s %s, stride %s from %s", sys.executable, platform.python_version(), stride.__version__,
                 Path(stride.__file__).parent)
+    from stride import placement
+
+    logger.info("%s", placement.describe())  # what Slurm's binding left this rank, and what it uses of it
     return logger
 
 

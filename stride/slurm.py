@@ -224,6 +224,9 @@ def submitit_parameters(slurm: Mapping, job_name: str) -> dict:
         params["gpus_per_node"] = slurm["gpus_per_node"]
     if slurm["cpus_per_task"]:
         params["cpus_per_task"] = slurm["cpus_per_task"]
+        # Since Slurm 22.05 srun no longer takes --cpus-per-task from the allocation: restated, or every rank (and
+        # its data-loader workers) shares one CPU on sites that bind tasks to cores.
+        params["srun_args"].append(f"--cpus-per-task={slurm['cpus_per_task']}")
     if slurm["mem_gb"]:
         params["mem"] = mem_text(slurm["mem_gb"])
     for key in ("partition", "account", "qos", "constraint"):

@@ -324,7 +324,8 @@ def test_dry_run_shows_the_exact_container_command(tmp_path):
     spec = dataclasses.replace(spec, slurm_client=tuple(container_check.slurm_client_paths()))
     expected = container.build_shell_command(spec, str(tmp_path / "exp"), os.getuid(), os.getgid())
     folder = shlex.quote(str(tmp_path / "exp" / "0" / "slurm"))
-    assert f" --kill-on-bad-exit=1 {expected} -u -m submitit.core._submit {folder}\n" in proc.stdout
+    # The local profile asks 1 CPU per task, which srun restates.
+    assert f" --kill-on-bad-exit=1 --cpus-per-task=1 {expected} -u -m submitit.core._submit {folder}\n" in proc.stdout
     slurm_etc = os.path.dirname(os.environ["SLURM_CONF"])
     assert expected.startswith(f"apptainer exec --contain --bind {tmp_path / 'exp'}:{tmp_path / 'exp'} --bind "
                                f"/etc/hosts:/etc/hosts:ro --bind {slurm_etc}:{slurm_etc}:ro ")
@@ -424,7 +425,8 @@ def test_two_node_job_runs_every_rank_in_the_container_and_trains_the_same(slurm
 @needs_images
 @needs_slurm
 def test_a_preempted_container_job_requeues_itself_and_completes(tmp_path):
-    """Rank 0 calls `scontrol requeue` from inside the image (it has Slurm's client): requeues work unchanged."""
+    """Rank 0 calls `scontrol requeue` from inside the image (it has Slurm's client; stride binds Slurm's config and
+    munge's socket read-only): requeues work unchanged."""
     run, job_id = submitted(run_stride("submit", "work_dir=exp", "--container", SIF, "--profile", "local",
                                        "--nodes", "1", "--tasks-per-node", "2", "load_data_kwargs.batch_size=16",
                                        "training_kwargs.epochs=6", "training_kwargs.log_every_steps=10", cwd=tmp_path))

@@ -80,8 +80,14 @@ def test_config_values_are_refused_in_one_line_or_reach_sbatch_intact(layer):
     assert body.startswith("".join(line + "\n" for line in cfg["slurm"]["setup"]))
     command = body.rstrip("\n").split("\n")[-1]
     assert shlex.split(command) == ["srun", "--unbuffered", "--output", f"{folder}/%j_%t_log.out", "--error",
-                                    f"{folder}/%j_%t_log.err", "--kill-on-bad-exit=1", sys.executable, "-u", "-m",
-                                    "submitit.core._submit", str(folder)]
+                                    f"{folder}/%j_%t_log.err", "--kill-on-bad-exit=1", *restated_cpus(cfg),
+                                    sys.executable, "-u", "-m", "submitit.core._submit", str(folder)]
+
+
+def restated_cpus(cfg: dict) -> list[str]:
+    """srun restates the CPUs per task (Slurm >= 22.05 does not pass the allocation's on)."""
+    cpus = cfg["slurm"]["cpus_per_task"]
+    return [f"--cpus-per-task={cpus}"] if cpus else []
 
 
 class _Recorder:

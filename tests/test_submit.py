@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -54,6 +55,9 @@ def test_two_node_job_trains_like_local_and_collects_every_log(tmp_path, stride)
         assert (run / "slurm" / f"{job_id}_{rank}_log.out").is_file()
         assert (run / "slurm" / f"{job_id}_{rank}_log.err").is_file()
     assert hosts == {"node1", "node2"}
+    for rank in range(4):  # no --cpus-per-task: the node's two ranks share its CPUs
+        mask, threads = rank_cpus(run, rank)
+        assert threads == max(1, mask // 2), (rank, mask, threads)
     assert (run / "slurm" / f"{job_id}_submission.sh").is_file()
     metadata = read_json(run / "metadata.json")
     assert [j["job_id"] for j in metadata["jobs"]] == [job_id]
@@ -193,3 +197,27 @@ def test_a_rank_killed_without_an_exception_is_named(tmp_path, stride):
     assert "state:    failed" in detail, detail
     assert f"failed:   rank 1 on {node}: died without a Python exception: srun: task 1: Killed (SIGKILL" in detail
     assert stride("status", "exp").stdout.splitlines()[1].split()[1] == "failed"
+
+
+def rank_cpus(run, rank: int) -> tuple[int, int]:
+    """(CPUs in the rank's affinity mask, its torch threads), from the line every rank logs first."""
+    line = next(line for line in (run / "logs" / f"rank_{rank}.log").read_text().splitlines() if " INFO cpus " in line)
+    found = re.search(r" INFO cpus \S+ \((\d+) of \d+\), (\d+) torch threads$", line)
+    assert found, line
+    return int(found.group(1)), int(found.group(2))
+
+
+def test_each_rank_gets_the_cpus_per_task_it_asked_for(tmp_path, stride):
+    """srun restates --cpus-per-task (Slurm >= 22.05 no longer passes the allocation's on to the step), and each rank
+    sizes its torch threads from it."""
+    proc = stride("submit", "work_dir=exp", "--profile", "local", "--nodes", "1", "--tasks-per-node", "2",
+                  "--cpus-per-task", "2", "training_kwargs.epochs=1", env={"OMP_NUM_THREADS": ""})
+    run, job_id = submitted(proc)
+    script = (run / "slurm" / f"{job_id}_submission.sh").read_text()
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    assert " --kill-on-bad-exit=1 --cpus-per-task=2 " in srun, srun
+    wait_gone(job_id)
+    assert read_json(run / "status.json")["state"] == "completed"
+    for rank in range(2):
+        mask, threads = rank_cpus(run, rank)
+        assert threads == min(2, mask), (rank, mask, threads)
