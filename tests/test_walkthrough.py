@@ -75,6 +75,7 @@ class SelfLossNet(torch.nn.Module):
 # The experiment layer of experiments/digits while the SLURM block submits its first job: rank 0 waits at each epoch end
 # while HOLD exists, so the operating block (status, logs --follow, cancel at typing speed) meets that job running.
 HOLD_CALLBACK = '''"""Holds rank 0 at each epoch end while a file exists (bounded)."""
+import time
 from pathlib import Path
 
 from stride import Callback
