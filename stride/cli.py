@@ -293,8 +293,14 @@ class StrideCLI:
         flags = _slurm_flags(nodes, gpus, tasks_per_node, cpus_per_task, mem, time, partition, account, qos,
                              constraint, exclusive, sbatch, setup)
         sweep, configs = _resolve_sweep(args, profile=profile, final={**flags, **_container_flag(container)})
+        cpus_note = None if (dry_run and skip_slurm_checks) else slurm.default_cpus_per_task(configs[0]["slurm"])
+        for point in configs[1:]:  # (slurm keys cannot be swept: every point asks for the same)
+            point["slurm"]["cpus_per_task"] = configs[0]["slurm"]["cpus_per_task"]
+        if cpus_note and not dry_run:
+            print(f"stride: {cpus_note}", file=sys.stderr)
         if sweep.axes:
-            return _submit_sweep(sweep, configs, dry_run, max_parallel, skip_slurm_checks)
+            return _submit_sweep(sweep, configs, dry_run, max_parallel, skip_slurm_checks,
+                                 note=f"# {cpus_note}\n" if cpus_note else "")
         config = configs[0]
         work_dir = config_lib.require_work_dir(config)
         warning = None if config["slurm"]["work_dir_shared"] else slurm.visibility_warning(work_dir)
@@ -302,8 +308,8 @@ class StrideCLI:
             from stride.rundir import next_integer_name
 
             run_name = config.get("run") or str(next_integer_name(work_dir))
-            return _dry_run(configs, work_dir / run_name, dict(config, run=run_name), skip_slurm_checks,
-                            note=f"# warning: {warning}\n" if warning else "")
+            notes = "".join(f"# {line}\n" for line in (cpus_note, f"warning: {warning}" if warning else None) if line)
+            return _dry_run(configs, work_dir / run_name, dict(config, run=run_name), skip_slurm_checks, note=notes)
         from stride import start
 
         prepared = start.prepare([config], slurm=True)
@@ -418,7 +424,8 @@ class StrideCLI:
         path = Path(target)
         if work_dir is not None or RunDir(path).exists():
             run = find_run(target, work_dir)
-            return status_lib.format_detail(status_lib.describe_runs([run], keep_broken=False)[0])
+            row = status_lib.describe_runs([run], keep_broken=False)[0]
+            return status_lib.format_detail({**row, "placement": status_lib.read_placement(run)})
         runs = list_runs(path)
         if not runs:
             return f"no runs in {path.absolute()}"
@@ -620,7 +627,7 @@ def _local_sweep(sweep: Any, configs: list[dict], world: int, gpus: int) -> str:
 
 
 def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: Optional[int],
-                  skip_slurm_checks: bool = False) -> str:
+                  skip_slurm_checks: bool = False, note: str = "") -> str:
     """The whole sweep as one job array, refused when it cannot be one (per-point resources, MaxArraySize)."""
     from stride import slurm
 
@@ -643,7 +650,7 @@ def _submit_sweep(sweep: Any, configs: list[dict], dry_run: bool, max_parallel: 
         text = slurm.make_sbatch_text(preview, work_dir / "sweeps" / "<id>" / "slurm", python, array=sweep.size)
         if not skip_slurm_checks:
             dryrun.slurm_checks(dry, text, array_size=sweep.size)
-        shown = (f"# sweep of {sweep.size} runs as one job array (dry run: nothing written, nothing submitted)\n"
+        shown = (f"{note}# sweep of {sweep.size} runs as one job array (dry run: nothing written, nothing submitted)\n"
                  f"{_describe_points(sweep, configs)}\n\n# sbatch script\n{text.rstrip()}\n\n{dry.report()}")
         return dry.finish(shown)
     from stride import dryrun, start

@@ -82,7 +82,8 @@ def short_names(keys: Sequence[str]) -> dict[str, str]:
 # when nothing else differs (two runs on 1 and 4 nodes).
 PLACEMENT_PREFIXES = (
     "slurm.", "distributed_kwargs.", "container.", "device", "provenance.", "load_data_kwargs.num_workers",
-    "load_data_kwargs.pin_memory", "load_data_kwargs.persistent_workers", "load_data_kwargs.eval_batch_size",
+    "load_data_kwargs.pin_memory", "load_data_kwargs.persistent_workers", "load_data_kwargs.worker_start",
+    "load_data_kwargs.eval_batch_size",
     "training_kwargs.log_every_steps", "training_kwargs.checkpoint_every_steps",
     "training_kwargs.checkpoint_every_minutes", "training_kwargs.keep_last_checkpoints",
     "training_kwargs.stop_check_seconds", "training_kwargs.async_checkpoint",

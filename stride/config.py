@@ -30,12 +30,17 @@ class LoadDataKwargs:
     """Samples per step on each process (the global batch is batch_size x world size x grad_accum_steps)."""
     eval_batch_size: Optional[int] = None
     """Samples per validation/test step; None means 4 x batch_size."""
-    num_workers: int = 0
-    """DataLoader worker processes per rank; 0 loads in the training process (best for in-memory data)."""
+    num_workers: Union[int, str] = 0
+    """DataLoader worker processes per rank; 0 loads in the training process (best for in-memory data); auto: one per
+    CPU of the rank beyond its own (from its affinity mask and Slurm's CPUs per task), at most 8."""
     pin_memory: bool = True
     """Page-locked host batches for asynchronous copies; only used on CUDA."""
     persistent_workers: bool = True
     """Keep workers alive across epochs (only when num_workers > 0)."""
+    worker_start: str = "auto"
+    """How DataLoader workers start: fork, forkserver or spawn; auto: forkserver in the ranks stride launches (a fork
+    of a rank whose communication threads enter Python at that moment can leave the worker deadlocked in CPython
+    3.11's fork handling, and the job hung), fork elsewhere (a lone process, where it is safe and shares memory)."""
     shuffle: bool = True
     drop_last: bool = False
 
@@ -117,6 +122,11 @@ class SlurmKwargs:
     tasks_per_node: int = 1
     """Tasks per node for CPU jobs; with gpus_per_node > 0 it is set to that (one task per GPU)."""
     cpus_per_task: Optional[int] = None
+    gpu_binding: str = "node"
+    """Which GPUs of its node each rank sees: node (all of them, so NVLink/P2P work between the node's ranks; rank i
+    uses the i-th), task (one GPU per task, --gpus-per-task=1), or closest (those nearest the task's CPUs,
+    --gpu-bind=closest). Each rank picks its device right in every mode, also where Slurm narrowed
+    CUDA_VISIBLE_DEVICES."""
     mem_gb: Optional[float] = None
     time_min: Optional[int] = None
     """Time limit in minutes; None leaves it to the partition's default."""
@@ -216,6 +226,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training_kwargs.best_mode": ("auto", "max", "min"),
     "distributed_kwargs.backend": ("auto", "nccl", "gloo"),
     "container.runtime": ("auto", "apptainer", "docker", "podman", "charliecloud"),
+    "slurm.gpu_binding": ("node", "task", "closest"),
+    "load_data_kwargs.worker_start": ("auto", "fork", "forkserver", "spawn"),
 }
 POSITIVE = {
     "load_data_kwargs.batch_size", "load_data_kwargs.eval_batch_size", "training_kwargs.epochs",
@@ -609,6 +621,13 @@ def _validate_section(data: dict, cls: type, prefix: str, problems: list[str]) -
         if isinstance(value, int) and not isinstance(value, bool) and not -INT_LIMIT <= value < INT_LIMIT:
             shown = value if value.bit_length() <= 128 else f"a {value.bit_length()}-bit integer"
             problems.append(f"config key '{key}' got {shown}; expected an integer from -2**63 to 2**63 - 1")
+            continue
+        if key == "load_data_kwargs.num_workers" and isinstance(value, str):
+            if re.fullmatch(r"\s*-?\d+\s*", value):  # `num_workers=2` on the command line: a text key keeps it
+                data[name] = value = int(value)
+            elif value != "auto":
+                problems.append(f"config key '{key}' got '{value}'; expected a number of workers or auto")
+        if isinstance(value, str) and key == "load_data_kwargs.num_workers":
             continue
         if value is not None and key in POSITIVE and value <= 0:
             problems.append(f"config key '{key}' got {value}; expected a positive value")

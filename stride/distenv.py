@@ -10,6 +10,8 @@ first node's address on SLURM, never every interface (torch's own choice whateve
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import time
@@ -23,6 +25,7 @@ from stride.rundir import make_private_dir, read_json, write_json
 
 POLL_INTERVAL_S = 0.05
 CONNECT_RETRY_S = 0.25
+_STORE = None  # the rendezvous store this process joined (init_process_group), for `with_node_gpus`
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class DistEnv:
     hostname: str = socket.gethostname()
     cpus_per_task: Optional[int] = None
     """Slurm's CPUs for this task (SLURM_CPUS_PER_TASK), when the job asked for a count."""
+    node_visible_gpus: Optional[tuple] = None
+    """CUDA_VISIBLE_DEVICES of every rank on this node, by local rank (None: unset there), once the ranks have met
+    (`with_node_gpus`); what placement.device_index needs in every GPU binding."""
 
     @property
     def is_main(self) -> bool:
@@ -177,17 +183,40 @@ def init_process_group(env: DistEnv, backend: str, rendezvous_dir: Path, init_ti
                               f"MASTER_PORT={port} within {init_timeout_s:.0f}s: {str(exc).splitlines()[0]}; "
                               f"check that the address resolves on {env.hostname} and that rank 0 still runs"
                               ) from None
+    global _STORE
     try:
         dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size,
                                 timeout=timedelta(seconds=timeout_s))
+        _STORE = store
     except Exception as exc:
         raise StrideError(f"rank {env.rank} failed to join the process group (MASTER_ADDR={env.master_addr} "
                           f"MASTER_PORT={port}, backend {backend}): {str(exc).splitlines()[0]}") from None
 
 
+def with_node_gpus(env: DistEnv, timeout_s: float) -> DistEnv:
+    """`env` with the CUDA_VISIBLE_DEVICES of every rank on its node, told through the rendezvous store: one set and
+    local_world_size gets per rank. Unchanged for one process or under torchrun (whose store stride does not hold)."""
+    if _STORE is None or not env.distributed:
+        return env
+    node = os.environ.get("SLURM_NODEID") or env.hostname  # (a one-machine test cluster's nodes share a hostname)
+    prefix = f"stride/{env.rendezvous_id}/cuda_visible_devices/{node}"
+    keys = [f"{prefix}/{i}" for i in range(env.local_world_size)]
+    try:
+        _STORE.set(keys[env.local_rank], json.dumps(os.environ.get("CUDA_VISIBLE_DEVICES")))
+        _STORE.wait(keys, timedelta(seconds=timeout_s))
+        seen = tuple(json.loads(_STORE.get(key)) for key in keys)
+    except Exception as exc:  # torch raises DistStoreError and RuntimeError with long messages
+        raise StrideError(f"rank {env.rank} on {env.hostname}: the other ranks of its node did not say which GPUs "
+                          f"they see within {timeout_s:.0f}s ({(str(exc) or type(exc).__name__).splitlines()[0]}); "
+                          f"check their logs: did they start?") from None
+    return dataclasses.replace(env, node_visible_gpus=seen)
+
+
 def destroy_process_group() -> None:
     import torch.distributed as dist
 
+    global _STORE
+    _STORE = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

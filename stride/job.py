@@ -188,6 +188,7 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
     try:
         distenv.init_process_group(env, choose_backend(config), run.rendezvous_dir, dk["init_timeout_s"],
                                    dk["timeout_s"])
+        env = distenv.with_node_gpus(env, dk["init_timeout_s"])
         from stride.training.trainer import trainer_class
 
         if env.is_main:

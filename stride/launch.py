@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from stride import claim as claim_lib
+from stride import placement
 from stride import runstate
 from stride.errors import ClusterError, StrideError
 from stride.logs import get_logger
@@ -159,8 +160,9 @@ def _rank_env(rank: int, world_size: int, rendezvous_id: str) -> dict:
     env = dict(os.environ)
     env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
                MASTER_ADDR="127.0.0.1", STRIDE_RENDEZVOUS_ID=rendezvous_id)
-    # Each rank gets its share of the cores: N ranks x all cores oversubscribes the machine.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    # Each rank gets its share of the launcher's CPUs: N ranks x all cores oversubscribes the machine.
+    cores = len(placement.affinity())
+    env.setdefault("OMP_NUM_THREADS", str(placement.rank_threads(None, cores, cores, world_size)))
     return env
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 from typing import Any, Mapping, Optional, Sequence
 
@@ -24,7 +23,8 @@ AMENDABLE_PREFIXES = (
     "training_kwargs.checkpoint_every_minutes", "training_kwargs.keep_last_checkpoints",
     "training_kwargs.stop_check_seconds",
     "training_kwargs.async_checkpoint", "load_data_kwargs.num_workers", "load_data_kwargs.pin_memory",
-    "load_data_kwargs.persistent_workers", "load_data_kwargs.eval_batch_size", "distributed_kwargs.", "slurm.",
+    "load_data_kwargs.persistent_workers", "load_data_kwargs.worker_start", "load_data_kwargs.eval_batch_size",
+    "distributed_kwargs.", "slurm.",
     "device",
 )
 LIVE_STATES = {"pending", "running", "requeued", "configuring", "completing", "suspended", "resizing"}

@@ -217,6 +217,14 @@ class RunDir:
         return self.path / "rendezvous"
 
     @property
+    def placement_dir(self) -> Path:
+        """What each rank of the latest attempt got: host, CPUs, threads, workers, GPUs (stride.placement.record)."""
+        return self.path / "placement"
+
+    def placement_file(self, rank: int) -> Path:
+        return self.placement_dir / f"rank_{rank}.json"
+
+    @property
     def lock_file(self) -> Path:
         return self.path / ".lock"
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
+from stride import placement
 from stride.errors import ClusterError, ConfigError
 from stride.proc import run_command
 
@@ -220,8 +221,10 @@ def submitit_parameters(slurm: Mapping, job_name: str) -> dict:
     # JobRequeue=0 refuse that for jobs not submitted with --requeue.
     if not {"no-requeue", "no_requeue"} & set(params["additional_parameters"]):
         params["additional_parameters"] = {"requeue": True, **params["additional_parameters"]}
-    if slurm["gpus_per_node"]:
-        params["gpus_per_node"] = slurm["gpus_per_node"]
+    # GPUs as slurm.gpu_binding says, restated for the step so that a site's default binding does not override it.
+    binding = slurm.get("gpu_binding") or "node"
+    params.update(placement.gpu_sbatch_parameters(binding, slurm["gpus_per_node"]))
+    params["srun_args"] += placement.gpu_srun_args(binding, slurm["gpus_per_node"])
     if slurm["cpus_per_task"]:
         params["cpus_per_task"] = slurm["cpus_per_task"]
         # Since Slurm 22.05 srun no longer takes --cpus-per-task from the allocation: restated, or every rank (and
@@ -445,3 +448,59 @@ def max_array_size(timeout_s: float = 15.0) -> Optional[int]:
         return None
     match = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
     return int(match.group(1)) if match else None
+
+
+_DEF_CPU_PER_GPU = re.compile(r"(?:^|[\s,=])DefCpuPerGPU=(\d+)")
+_GRES_GPUS = re.compile(r"(?:^|,)gpu(?::[^:,(]+)?:(\d+)")
+
+
+def parse_cpus_per_gpu(partition_text: str, sinfo_text: str) -> Optional[tuple[int, str]]:
+    """(CPUs per GPU, where from): the partition's DefCpuPerGPU (`scontrol show partition -o`), else its GPU nodes'
+    CPUs over their GPUs (`sinfo -h -o '%c|%G'`, the smallest share over node types); None when neither says."""
+    match = _DEF_CPU_PER_GPU.search(partition_text)
+    if match and int(match.group(1)) > 0:
+        return int(match.group(1)), "its DefCpuPerGPU"
+    shares = []
+    for line in sinfo_text.splitlines():
+        cpus, _, gres = line.partition("|")
+        gpus = sum(int(count) for count in _GRES_GPUS.findall(gres.strip()))
+        if cpus.strip().isdigit() and gpus:
+            shares.append((int(cpus) // gpus, f"{cpus.strip()} CPUs / {gpus} GPUs per node"))
+    if not shares:
+        return None
+    share, why = min(shares)
+    return (share, why) if share > 0 else None
+
+
+def partition_cpus_per_gpu(partition: Optional[str], timeout_s: float = 15.0) -> Optional[tuple[int, str]]:
+    """parse_cpus_per_gpu for `partition` (the default one when None), asked of Slurm; None when it cannot say."""
+    which = [partition] if partition else []
+    try:
+        shown = run_command(["scontrol", "show", "partition", "-o", *which], timeout_s)
+        nodes = run_command(["sinfo", "-h", "-o", "%c|%G|%P", *(["-p", partition] if partition else [])], timeout_s)
+    except ClusterError:
+        return None
+    if shown.returncode != 0 or nodes.returncode != 0:
+        return None
+    lines = shown.stdout.splitlines()
+    if not partition:  # the default partition's line, and sinfo's lines for it (marked with a *)
+        lines = [line for line in lines if " Default=YES " in f" {line} "]
+        rows = [row for row in nodes.stdout.splitlines() if row.endswith("*")]
+    else:
+        rows = nodes.stdout.splitlines()
+    return parse_cpus_per_gpu("\n".join(lines), "\n".join(rows))
+
+
+def default_cpus_per_task(slurm_section: dict, timeout_s: float = 15.0) -> Optional[str]:
+    """With GPUs and no --cpus-per-task, take the partition's CPUs per GPU (set in `slurm_section`); returns the note
+    to show, a warning where Slurm cannot say, or None when there is nothing to decide."""
+    if not slurm_section["gpus_per_node"] or slurm_section["cpus_per_task"]:
+        return None
+    found = partition_cpus_per_gpu(slurm_section["partition"], timeout_s)
+    where = f"partition {slurm_section['partition']}" if slurm_section["partition"] else "the default partition"
+    if found is None:
+        return (f"warning: no --cpus-per-task, and the CPUs per GPU of {where} could not be read from Slurm: each "
+                f"rank gets the site's default (often 1 CPU); give --cpus-per-task N")
+    slurm_section["cpus_per_task"] = found[0]
+    return (f"note: --cpus-per-task {found[0]}, the CPUs per GPU of {where} ({found[1]}); give --cpus-per-task to "
+            f"choose")

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from stride import claim as claim_lib
-from stride import runstate, slurm
+from stride import placement, runstate, slurm
 from stride.compare import higher_is_better
 from stride.errors import StrideError
-from stride.rundir import RunDir
+from stride.rundir import RunDir, read_json
 
 FINAL_STATES = set(runstate.FINAL)
 # A state that names no running process: what `stride logs --follow` waits for.
@@ -261,6 +261,27 @@ def format_table(rows: list[dict], sort: Optional[str] = None) -> str:
     return "\n\n".join(blocks)
 
 
+def read_placement(run: RunDir) -> list[dict]:
+    """The placement records of the run's latest attempt (rank 0's), by rank; [] before any rank wrote one."""
+    records = []
+    for path in sorted(run.placement_dir.glob("rank_*.json")) if run.placement_dir.is_dir() else ():
+        record = read_json(path)
+        if isinstance(record, dict) and isinstance(record.get("rank"), int):
+            records.append(record)
+    first = next((r for r in records if r["rank"] == 0), None)
+    if first is None:
+        return []
+    return sorted((r for r in records if r.get("attempt") == first.get("attempt")), key=lambda r: r["rank"])
+
+
+def placement_lines(records: list[dict]) -> list[str]:
+    """`placement:` and one `warning:` line per contradiction, for the detail view."""
+    if not records:
+        return []
+    return ([f"placement: {placement.summary(records)}"]
+            + [f"warning:  {problem}" for problem in placement.contradictions(records)])
+
+
 def format_detail(row: dict) -> str:
     lines = [f"run:      {row['path']}", f"state:    {row['state']}"]
     for label, key in (("job:", "job_id"), ("nodes:", "nodes"), ("epoch:", "epoch"), ("step:", "step")):
@@ -278,6 +299,7 @@ def format_detail(row: dict) -> str:
     elif failure and failure.get("error"):
         label = {"lost": "ended:", "broken": "broken:"}.get(row["state"], "failed:")
         lines.append(f"{label:<9} {failure['error']}")
+    lines += placement_lines(row.get("placement") or [])
     return "\n".join(lines)
 
 

@@ -96,6 +96,10 @@ def test_a_broken_user_module_is_one_line(tmp_path, monkeypatch):
     ("load_data_kwargs.batch_size=0", "expected a positive value"),
     ("run=../escape", "run name '../escape' is not allowed"),
     ("training_kwargs", "expected key=value"),
+    ("load_data_kwargs.num_workers=many", "config key 'load_data_kwargs.num_workers' got 'many'; expected a number "
+                                          "of workers or auto"),
+    ("load_data_kwargs.num_workers=-1", "expected zero or more"),
+    ("slurm.gpu_binding=closets", "expected one of node, task, closest (did you mean 'closest'?)"),
 ])
 def test_bad_overrides_name_the_problem(override, message):
     with pytest.raises(ConfigError) as info:
@@ -131,3 +135,9 @@ def test_split_cli_args_rejects_bare_words():
     assert config.split_cli_args(["a=1", "b.yaml", "c.yml"]) == (["b.yaml", "c.yml"], ["a=1"])
     with pytest.raises(ConfigError, match="expected key=value or a .yaml"):
         config.split_cli_args(["oops"])
+
+
+def test_num_workers_takes_a_count_or_auto():
+    assert config.resolve(overrides=["load_data_kwargs.num_workers=auto"])["load_data_kwargs"]["num_workers"] == "auto"
+    assert config.resolve(overrides=["load_data_kwargs.num_workers=2"])["load_data_kwargs"]["num_workers"] == 2
+    assert config.resolve(layers=[{"load_data_kwargs": {"num_workers": "3"}}])["load_data_kwargs"]["num_workers"] == 3

@@ -38,6 +38,30 @@ def test_the_dry_runs_config_says_what_its_script_asks_for(stride):
     assert (slurm["gpus_per_node"], slurm["tasks_per_node"]) == (2, 2)
 
 
+def test_gpus_without_cpus_per_task_take_the_partitions_cpus_per_gpu(stride):
+    """The test cluster's nodes have 4 CPUs and 2 GPUs: 2 CPUs per task, read from Slurm and said in the dry run."""
+    proc = stride("submit", "work_dir=exp", "--nodes", "1", "--gpus", "2", "--partition", "long", "--dry-run",
+                  check=True)
+    assert proc.stdout.startswith("# note: --cpus-per-task 2, the CPUs per GPU of partition long (4 CPUs / 2 GPUs "
+                                  "per node); give --cpus-per-task to choose\n"), proc.stdout
+    srun = next(line for line in proc.stdout.splitlines() if line.startswith("srun "))
+    assert " --gpus-per-node=2 --cpus-per-task=2 " in srun, srun
+    assert "#SBATCH --cpus-per-task=2\n" in proc.stdout and "  cpus_per_task: 2\n" in proc.stdout
+    given = stride("submit", "work_dir=exp", "--nodes", "1", "--gpus", "2", "--cpus-per-task", "1", "--dry-run",
+                   check=True)
+    assert "# note: --cpus-per-task" not in given.stdout and "#SBATCH --cpus-per-task=1\n" in given.stdout
+
+
+def test_cpus_per_gpu_that_slurm_cannot_tell_is_a_warning():
+    from stride import slurm
+
+    section = {"gpus_per_node": 2, "cpus_per_task": None, "partition": "no_such_partition"}
+    said = slurm.default_cpus_per_task(section)
+    assert said.startswith("warning: no --cpus-per-task, and the CPUs per GPU of partition no_such_partition could "
+                           "not be read from Slurm"), said
+    assert section["cpus_per_task"] is None
+
+
 @pytest.mark.parametrize("args, check, message", [
     (["--nodes", "9"], "Slurm would accept the request", "More processors requested than permitted; check --nodes"),
     (["--partition", "nope"], "Slurm would accept the request", "Invalid partition name specified; check --partition"),

@@ -46,3 +46,47 @@ def test_epoch_ends_leave_fsyncs_to_background_threads(tmp_path, monkeypatch):
         counts[epochs] = len(on_training_thread)
     assert counts[1] == counts[4], counts
     assert (tmp_path / "1" / "weights" / "best.pt").is_file()
+
+
+class _Bucket:
+    """What DDP hands a comm hook, as far as the hook reads it."""
+
+    def __init__(self, tensor):
+        self._tensor = tensor
+
+    def buffer(self):
+        return self._tensor
+
+
+def _hook_on_rank(rank: int, store_path: str, out_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from stride.training.loop import _rank_ordered_mean_hook
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        # Values whose float sum depends on the order they are added in: (1e8 + 1) - 1e8 == 0 in float32.
+        grads = torch.tensor([1e8, 1.0, 3.0]) if rank == 0 else torch.tensor([1.0, -1e8, 5.0])
+        # A gather chained with `future.then` would seldom be done on return (about 1 call in 5 here): ask 20 times.
+        futures = [_rank_ordered_mean_hook(None, _Bucket(grads.clone())) for _ in range(20)]
+        done_on_return = [future.done() for future in futures]
+        torch.save({"done": done_on_return, "mean": futures[-1].value()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_deterministic_gradient_hook_finishes_on_the_training_thread(tmp_path):
+    """The rank-ordered mean is complete when the hook returns: no Python callback is left to run (and be freed)
+    on gloo's threads, whose entries into the interpreter can deadlock a DataLoader worker being forked."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_hook_on_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    expected = (torch.tensor([1e8, 1.0, 3.0]) + torch.tensor([1.0, -1e8, 5.0])) / 2
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["done"] == [True] * 20
+        assert torch.equal(result["mean"], expected), result["mean"]

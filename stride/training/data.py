@@ -117,16 +117,18 @@ def eval_batch_size(opts: Mapping) -> int:
     return opts["eval_batch_size"] or 4 * opts["batch_size"]
 
 
-def make_loaders(data: DataSplits, config: Mapping, rank: int, world_size: int,
-                 device: torch.device) -> tuple[DataLoader, Optional[DataLoader], Optional[DataLoader]]:
-    """Train loader sharded and shuffled per epoch (resumable); val/test sharded without padding."""
+def make_loaders(data: DataSplits, config: Mapping, rank: int, world_size: int, device: torch.device,
+                 num_workers: int = 0, worker_start: str = "fork"
+                 ) -> tuple[DataLoader, Optional[DataLoader], Optional[DataLoader]]:
+    """Train loader sharded and shuffled per epoch (resumable); val/test sharded without padding. `num_workers` and
+    `worker_start`: load_data_kwargs' as this rank resolved them (`worker_context`)."""
     opts = config["load_data_kwargs"]
     seed = config["training_kwargs"]["seed"]
-    common: dict[str, Any] = {"num_workers": opts["num_workers"],
-                              "pin_memory": opts["pin_memory"] and device.type == "cuda"}
-    if opts["num_workers"] > 0:
+    common: dict[str, Any] = {"num_workers": num_workers, "pin_memory": opts["pin_memory"] and device.type == "cuda"}
+    if num_workers > 0:
         common["persistent_workers"] = opts["persistent_workers"]
         common["worker_init_fn"] = seed_worker
+        common["multiprocessing_context"] = worker_context(worker_start)
     train_sampler = ResumableDistributedSampler(data.train, num_replicas=world_size, rank=rank,
                                                 shuffle=opts["shuffle"], seed=seed, drop_last=opts["drop_last"])
     generator = torch.Generator().manual_seed(seed + rank)
@@ -137,6 +139,26 @@ def make_loaders(data: DataSplits, config: Mapping, rank: int, world_size: int,
     val, test = (eval_loader(split, config, rank, world_size, **common) if split is not None else None
                  for split in (data.val, data.test))
     return train, val, test
+
+
+def resolve_worker_start(setting: str, launched_rank: bool) -> str:
+    """load_data_kwargs.worker_start: auto is forkserver in a rank stride launched (`python -m stride.job`, whose
+    __main__ a forkserver child can import again), fork in any other process."""
+    if setting != "auto":
+        return setting
+    return "forkserver" if launched_rank else "fork"
+
+
+def worker_context(method: str) -> Any:
+    """The multiprocessing context DataLoader workers start in. A forkserver imports torch and stride's data
+    module once, so each worker it forks starts in a fraction of a second; tensors reach workers through shared
+    memory, not copies."""
+    import multiprocessing
+
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["torch", "stride.training.data"])
+    return context
 
 
 def eval_loader(dataset: Dataset, config: Mapping, rank: int, world_size: int, **common: Any) -> DataLoader:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from stride import runstate
+from stride import placement, runstate
 from stride.checkpoint import BackgroundWriter, Checkpointer, HostStaging
 from stride.compare import higher_is_better
 from stride.errors import RunError
@@ -25,7 +25,7 @@ from stride.logs import ProgressBar
 from stride.rundir import RunDir, now_iso, write_json
 from stride.training import recipe
 from stride.training.control import Cadence, agree
-from stride.training.data import make_loaders, set_train_epoch
+from stride.training.data import make_loaders, resolve_worker_start, set_train_epoch
 from stride.training.hooks import Callbacks, FitState, build_callbacks
 from stride.training.prefetch import device_batches
 from stride.training.rng import rng_state, set_rng_state
@@ -67,8 +67,20 @@ class Loop:
     # -------------------------------------------------------------------------------------------------- building
     def _build(self) -> None:
         t, tk = self.t, self.tk
+        workers = placement.data_workers(t.config["load_data_kwargs"]["num_workers"],
+                                         placement.rank_cpus(self.env.cpus_per_task, self.env.local_world_size))
+        launched = self.env.launcher in ("local", "slurm")
+        start = resolve_worker_start(t.config["load_data_kwargs"]["worker_start"], launched)
         self.train_loader, self.val_loader, self.test_loader = make_loaders(t.data, t.config, self.env.rank,
-                                                                             self.env.world_size, t.device)
+                                                                             self.env.world_size, t.device, workers,
+                                                                             start)
+        if t.run_dir is not None:
+            # What this rank got, read from the process: `stride status RUN` summarises it and flags contradictions.
+            backend = dist.get_backend() if dist.is_initialized() else None
+            t.run_dir.placement_dir.mkdir(exist_ok=True)
+            write_json(t.run_dir.placement_file(self.env.rank),
+                       dict(placement.record(self.env, t.device, workers, backend, t.config["slurm"]["gpu_binding"]),
+                            worker_start=start if workers else None))
         self.accum = tk["grad_accum_steps"]
         self.steps_per_epoch = math.ceil(len(self.train_loader) / self.accum)
         self.total_steps = self.steps_per_epoch * tk["epochs"]
@@ -506,16 +518,20 @@ def _rank_ordered_mean_hook(process_group, bucket):  # DDP checks these paramete
     bucket, and DDP lays buckets out again after the first step, so a resumed run (whose first step uses the initial
     layout) would drift from an uninterrupted one by rounding. Gathering and adding in rank order makes deterministic
     runs bitwise reproducible across resumes, at world_size times the traffic.
+
+    The gather is waited for here and the sum done on this thread, and the future handed back is already complete:
+    a Python callback chained with `future.then` runs, and is freed, on the backend's own thread, which then enters
+    the interpreter at moments the training thread does not control; one such entry during a fork leaves the
+    forked child deadlocked in CPython 3.11's thread-state lock (why ranks start DataLoader workers from a
+    forkserver: load_data_kwargs.worker_start).
     """
     tensor = bucket.buffer()
     group = process_group if process_group is not None else dist.group.WORLD
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-    future = dist.all_gather(parts, tensor, group=group, async_op=True).get_future()
-
-    def add_in_rank_order(_: torch.futures.Future) -> torch.Tensor:
-        total = parts[0].clone()
-        for part in parts[1:]:
-            total += part
-        return total.div_(len(parts))
-
-    return future.then(add_in_rank_order)
+    dist.all_gather(parts, tensor, group=group)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    done: torch.futures.Future = torch.futures.Future()
+    done.set_result(total.div_(len(parts)))
+    return done

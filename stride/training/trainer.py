@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stride import config as config_lib
-from stride import registry
+from stride import placement, registry
 from stride.checkpoint import Checkpointer, load_file, save_file
 from stride.datasets import DataSplits
 from stride.distenv import DistEnv
@@ -40,7 +40,8 @@ def resolve_device(name: str, env: DistEnv) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device=cuda but no CUDA device is visible: use device=auto or device=cpu")
-        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", placement.device_index(env.local_rank, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                           env.node_visible_gpus, torch.cuda.device_count()))
     return torch.device(name)
 
 
