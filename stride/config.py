@@ -112,6 +112,14 @@ class DistributedKwargs:
     """Bound on the rendezvous: a broken one fails in this many seconds instead of hanging."""
     timeout_s: float = 600.0
     """Bound on each collective once training runs."""
+    env: dict = field(default_factory=dict)
+    """Environment variables every rank sets for itself before torch.distributed and CUDA start, on the host and in
+    every container runtime, over the site's values: NCCL_SOCKET_IFNAME, NCCL_IB_HCA, GLOO_SOCKET_IFNAME... Each
+    rank checks first that the interfaces they name exist on its node. Written into config.json: not for secrets
+    (container.secret_env passes those by name)."""
+    nccl_debug: bool = False
+    """NCCL's INFO log of its set-up and network, one file per rank (logs/nccl_rank_N.log); `stride status RUN` says
+    which version, transport and NICs NCCL used."""
 
 
 @dataclass
@@ -711,6 +719,10 @@ def validate(config: dict) -> dict:
         from stride.container import check_section
 
         problems.extend(check_section(config["container"]))
+    if isinstance(config.get("distributed_kwargs"), dict):
+        from stride.network import check_env_section
+
+        problems.extend(check_env_section(config["distributed_kwargs"].get("env")))
     for section, name_key in (("dataset_kwargs", "dataset_name"), ("model_kwargs", "model_name")):
         section_value = config.get(section)
         if isinstance(section_value, dict) and not isinstance(section_value.get(name_key), str):

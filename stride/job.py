@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from stride import claim as claim_lib
-from stride import distenv
+from stride import distenv, network
 from stride import requeue as requeue_lib
 from stride import runstate
 from stride.errors import StrideError
@@ -169,6 +169,11 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
     stop = StopFlag().install()
     run = RunDir(run_path)
     env = env or distenv.detect()
+    config = run.read_config()
+    dk = config["distributed_kwargs"]
+    network.apply_env(dk["env"])  # first: OMP_NUM_THREADS, NCCL_* and the rest hold from here on
+    if dk["nccl_debug"]:
+        network.nccl_debug_env(run.logs_dir, env.rank)
     if env.launcher != "single":
         from stride import placement
 
@@ -177,15 +182,14 @@ def run_rank(run_path: Path, env: Optional[distenv.DistEnv] = None) -> dict:
         # Lands in the job's stderr, where srun later reports dead tasks: `stride status` reads only this attempt.
         print(f"{ATTEMPT_MARK}{env.rendezvous_id} (job {env.job_id}) starting on {env.hostname}", file=sys.stderr,
               flush=True)
-    config = run.read_config()
     from stride.registry import import_from_launch_folder
 
     import_from_launch_folder(run)
-    dk = config["distributed_kwargs"]
     # One writer per run: rank 0 of each SLURM attempt (requeues too) claims the run before it writes anything, and is
     # refused at once while another process trains it; a `stride local` launcher holds the claim for its ranks.
     claim = claim_lib.for_rank(run, env.launcher, env.is_main, env.job_id, env.rendezvous_id)
     try:
+        network.check_interfaces(env.rank, os.environ.get("SLURMD_NODENAME") or env.hostname)
         distenv.init_process_group(env, choose_backend(config), run.rendezvous_dir, dk["init_timeout_s"],
                                    dk["timeout_s"])
         env = distenv.with_node_gpus(env, dk["init_timeout_s"])

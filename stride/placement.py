@@ -88,6 +88,10 @@ def record(env: DistEnv, device: torch.device, workers: int, backend: Optional[s
         "data_workers": workers, "backend": backend, "gpu_binding": gpu_binding, "device": str(device),
     }
     entry.update({name.lower(): environ.get(name) for name in GPU_VARIABLES})
+    from stride import network
+
+    entry["network_env"] = {name: environ[name] for name in network.NETWORK_VARIABLES if environ.get(name)}
+    entry.update(network.node_network())
     visible = visible_gpus(environ.get("CUDA_VISIBLE_DEVICES"))
     if visible:  # the GPU this rank takes (or would take, on a CPU run) of those it sees
         entry["gpu_choice"] = visible[device_index(entry["local_rank"], environ.get("CUDA_VISIBLE_DEVICES"),
@@ -201,6 +205,11 @@ def contradictions(records: Sequence[Mapping]) -> list[str]:
         for gpu, users in sorted(used.items()):
             if len(users) > 1:
                 problems.append(f"ranks {_ranks(users)} on {host} share GPU {gpu}: check slurm.gpu_binding")
+        on_sockets = [r for r in ranks if (r.get("nccl") or {}).get("network") == "Socket" and r.get("infiniband")]
+        if on_sockets:
+            problems.append(f"NCCL used its socket transport on {host} (ranks {_ranks(on_sockets)}) though the node "
+                            f"has InfiniBand ({', '.join(on_sockets[0]['infiniband'])}): check NCCL_IB_HCA, "
+                            f"NCCL_IB_DISABLE and NCCL_NET in distributed_kwargs.env")
         narrowed = [r for r in ranks if r.get("device", "").startswith("cuda")
                     and len(visible_gpus(r.get("cuda_visible_devices")) or [None, None]) == 1]
         if len(narrowed) > 1:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from stride import claim as claim_lib
-from stride import placement, runstate, slurm
+from stride import network, placement, runstate, slurm
 from stride.compare import higher_is_better
 from stride.errors import StrideError
 from stride.rundir import RunDir, read_json
@@ -271,14 +271,21 @@ def read_placement(run: RunDir) -> list[dict]:
     first = next((r for r in records if r["rank"] == 0), None)
     if first is None:
         return []
-    return sorted((r for r in records if r.get("attempt") == first.get("attempt")), key=lambda r: r["rank"])
+    latest = sorted((r for r in records if r.get("attempt") == first.get("attempt")), key=lambda r: r["rank"])
+    for record in latest:  # what NCCL says it used, where distributed_kwargs.nccl_debug asked it to say
+        log = run.logs_dir / network.NCCL_DEBUG_FILE.format(rank=record["rank"])
+        if log.is_file():
+            record["nccl"] = network.parse_nccl_log(log.read_text(errors="replace"))
+    return latest
 
 
 def placement_lines(records: list[dict]) -> list[str]:
     """`placement:` and one `warning:` line per contradiction, for the detail view."""
     if not records:
         return []
-    return ([f"placement: {placement.summary(records)}"]
+    nccl = sorted({f"NCCL {n['version']} over {n['network']}" + (f" ({', '.join(n['nics'])})" if n["nics"] else "")
+                   for n in (r.get("nccl") for r in records) if n and n.get("network")})
+    return ([f"placement: {placement.summary(records)}"] + [f"network:  {line}" for line in nccl]
             + [f"warning:  {problem}" for problem in placement.contradictions(records)])
 
 

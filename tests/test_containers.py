@@ -332,6 +332,17 @@ def test_dry_run_shows_the_exact_container_command(tmp_path):
     assert not (tmp_path / "exp").exists()
 
 
+# distributed_kwargs.env: set by each rank itself, so it holds inside every runtime (checked against the node's
+# interfaces first: `lo` exists on every node here).
+NETWORK_ENV = "distributed_kwargs.env.GLOO_SOCKET_IFNAME=lo"
+
+
+def assert_network_env_reached_every_rank(run: Path, ranks: int) -> None:
+    for rank in range(ranks):
+        record = read_json(run / "placement" / f"rank_{rank}.json")
+        assert record["network_env"].get("GLOO_SOCKET_IFNAME") == "lo", (rank, record["network_env"])
+
+
 # ---------------------------------------------------------------------------------------- stride local
 @pytest.fixture(scope="module")
 def host_local_run(tmp_path_factory) -> Path:
@@ -345,8 +356,9 @@ def host_local_run(tmp_path_factory) -> Path:
 def test_stride_local_runs_every_rank_in_the_container(tmp_path, host_local_run, runtime):
     image = DOCKER_IMAGE if runtime == "docker" else IMAGE_DIR
     proc = run_stride("local", "work_dir=exp", "--container", image, f"container.runtime={runtime}", *LOCAL_JOB,
-                      cwd=tmp_path, check=True)
+                      NETWORK_ENV, cwd=tmp_path, check=True)
     run = tmp_path / "exp" / "0"
+    assert_network_env_reached_every_rank(run, 2)
     assert f"run folder: {run}" in proc.stdout
     assert read_json(run / "status.json")["state"] == "completed"
     for rank in range(2):
@@ -396,7 +408,7 @@ def slurm_runs(tmp_path_factory) -> dict[str, Path]:
     for name, image in (("host", None), ("charliecloud", IMAGE_DIR), ("apptainer", SIF)):
         cwd = tmp_path_factory.mktemp(f"slurm-{name}")
         extra = ["--container", image] if image else []
-        jobs[name] = submitted(run_stride("submit", "work_dir=exp", *SLURM_JOB, *extra, cwd=cwd))
+        jobs[name] = submitted(run_stride("submit", "work_dir=exp", *SLURM_JOB, *extra, NETWORK_ENV, cwd=cwd))
     for name, (run, job_id) in jobs.items():
         wait_gone(job_id, timeout_s=JOB_TIMEOUT_S)
         assert run_status(run).get("state") == "completed", (name, run_status(run))
@@ -409,6 +421,7 @@ def slurm_runs(tmp_path_factory) -> dict[str, Path]:
 def test_two_node_job_runs_every_rank_in_the_container_and_trains_the_same(slurm_runs, runtime):
     run, reference = slurm_runs[runtime], slurm_runs["host"]
     assert {host(run, rank) for rank in range(4)} == {"node1", "node2"}
+    assert_network_env_reached_every_rank(run, 4)
     for rank in range(4):
         assert interpreter(run, rank) == IMAGE_PYTHON
         assert interpreter(reference, rank) != IMAGE_PYTHON

@@ -150,14 +150,14 @@ def resolve_worker_start(setting: str, launched_rank: bool) -> str:
 
 
 def worker_context(method: str) -> Any:
-    """The multiprocessing context DataLoader workers start in. A forkserver imports torch and stride's data
-    module once, so each worker it forks starts in a fraction of a second; tensors reach workers through shared
-    memory, not copies."""
+    """The multiprocessing context DataLoader workers start in. A forkserver ignores the stop signals and imports
+    torch and stride's data module once, so each worker it forks starts in a fraction of a second; tensors reach
+    workers through shared memory, not copies."""
     import multiprocessing
 
     context = multiprocessing.get_context(method)
     if method == "forkserver":
-        context.set_forkserver_preload(["torch", "stride.training.data"])
+        context.set_forkserver_preload(["stride.training.forkserver_preload", "torch", "stride.training.data"])
     return context
 
 
